@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine (Python 3.11): `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+WORKDIR ?= workdir/default
+CONFIG ?= configs/default.py
+# Fake an 8-device mesh on the CPU for the sharding tests (must be set before JAX starts).
+TEST_ENV = XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m ppow_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

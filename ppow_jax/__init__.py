@@ -1,0 +1,1 @@
+"""ppow_jax: train speculative-decoding drafters with window-level policy optimization (PPOW)."""

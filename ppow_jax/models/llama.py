@@ -1,0 +1,373 @@
+"""One Flax Linen decoder for the LLaMA family (LLaMA 2/3, Mistral, Qwen2/2.5, Qwen3).
+
+The same class serves the frozen target and the independent small-LM drafter. It has two
+entry points:
+
+* ``__call__(tokens_BxT)`` -> logits ``[B, T, V]``: the plain full-sequence forward.
+* ``forward(tokens_BxT, ..., cache=..., hidden_layers=...)`` -> ``DecoderOutput``: the
+  incremental path used by the decoding engine. It writes the new keys/values of several new
+  tokens per row into a preallocated ``KVCache`` at each row's own offset (rows may hold
+  different lengths), and optionally returns hidden states of chosen layers (EAGLE-3 reads
+  three of them).
+
+Parameters and key activations carry logical axis names (``embed``, ``mlp``, ``heads``,
+``kv_heads``, ``head_dim``, ``vocab``, ``batch``, ``length``) so that sharding is decided by
+rules alone (see ``ppow_jax/sharding.py``).
+
+Hidden-state indices follow Hugging Face's ``output_hidden_states`` convention: index ``i``
+is the residual stream *entering* layer ``i`` (0 = the embeddings). Index ``num_layers`` is
+the stream after the last layer, before the final norm (HF applies the norm there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name: str) -> jnp.dtype:
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """LLaMA-3 ("llama3") frequency-dependent RoPE scaling."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a LLaMA-family decoder (all fields map 1:1 to HF config keys)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int = 0  # 0: hidden_size // num_heads (Qwen3 sets it explicitly).
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2/2.5.
+  qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE.
+  tie_embeddings: bool = False
+  sliding_window: int = 0  # 0: full attention (Mistral may set a window).
+  max_position_embeddings: int = 2048
+  initializer_range: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype; logits and softmax are always float32.
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim == 0 and self.hidden_size % self.num_heads:
+      raise ValueError(f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}; set head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.resolved_head_dim}")
+    to_dtype(self.param_dtype), to_dtype(self.dtype)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  def eagle3_layers(self) -> tuple[int, int, int]:
+    """Hidden-state indices EAGLE-3 fuses: the inputs of layers {2, L//2, L-3}."""
+    num_layers = self.num_layers
+    return (min(2, num_layers), num_layers // 2, max(num_layers - 3, 0))
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated per-layer keys and values, with each row's number of valid positions.
+
+  Rolling back a row after a rejected draft is just lowering ``lengths_B``: stale entries
+  past a row's length are masked out and overwritten by the next write.
+  """
+  k_LxBxSxKxD: Array
+  v_LxBxSxKxD: Array
+  lengths_B: Array  # int32
+
+  @property
+  def max_length(self) -> int:
+    return self.k_LxBxSxKxD.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+  shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  dtype = dtype or to_dtype(cfg.dtype)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+@flax.struct.dataclass
+class DecoderOutput:
+  logits_BxTxV: Array
+  hidden_states: tuple  # one [B, T, E] array per requested hidden-state index
+  cache: Optional[KVCache]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [D/2] in float32, with llama3 scaling when configured (as HF)."""
+  dim = cfg.resolved_head_dim
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta) **
+                     (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))))
+  inv_freq = inv_freq.astype(np.float32)
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv_freq
+  old_len = sc.original_max_position_embeddings
+  low_wavelen = old_len / sc.low_freq_factor
+  high_wavelen = old_len / sc.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+  smooth = (old_len / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, inv_freq_F: np.ndarray) -> Array:
+  """Rotate-half RoPE (HF layout: first half of head_dim paired with second half)."""
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_F)
+  angles_BxTxD = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BxTxD), jnp.sin(angles_BxTxD)
+  half = x_BxTxHxD.shape[-1] // 2
+  x1, x2 = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  xf = x_BxTxHxD.astype(jnp.float32)
+  return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x_BxTxHxD.dtype)
+
+
+def _param(module: nn.Module, name: str, shape: Sequence[int], axes: tuple, cfg: ModelConfig,
+           init: Optional[nn.initializers.Initializer] = None):
+  init = init or nn.initializers.normal(cfg.initializer_range)
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape),
+                      to_dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  dim: int
+  eps: float
+  cfg: ModelConfig
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", (self.dim,), (self.axis_name,), self.cfg, nn.initializers.ones)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def attention_mask(q_pos_BxT: Array, kv_len: int, lengths_B: Optional[Array],
+                   sliding_window: int, tree_mask_BxTxT: Optional[Array] = None) -> Array:
+  """Boolean mask [B, T, S]: query at absolute position P sees key slot s iff s <= P.
+
+  With a cache, keys live at slots 0..S-1 and the T new tokens were just written at slots
+  ``lengths_B + t``. ``tree_mask_BxTxT`` (optional) further restricts which of the new tokens
+  see each other, so that tree drafting can reuse verification unchanged.
+  """
+  s_S = jnp.arange(kv_len)
+  mask = s_S[None, None, :] <= q_pos_BxT[:, :, None]
+  if sliding_window:
+    mask &= s_S[None, None, :] > q_pos_BxT[:, :, None] - sliding_window
+  if tree_mask_BxTxT is not None:
+    start_B = lengths_B if lengths_B is not None else jnp.zeros(q_pos_BxT.shape[0], jnp.int32)
+    rel_BxS = s_S[None, :] - start_B[:, None]
+    in_block_BxS = (rel_BxS >= 0) & (rel_BxS < q_pos_BxT.shape[1])
+    t = q_pos_BxT.shape[1]
+    block_BxTxS = jnp.take_along_axis(
+        tree_mask_BxTxT, jnp.clip(rel_BxS, 0, t - 1)[:, None, :].repeat(t, 1), axis=2)
+    mask &= jnp.where(in_block_BxS[:, None, :], block_BxTxS, True)
+  return mask
+
+
+def _write_rows(cache_BxSxKxD: Array, new_BxTxKxD: Array, start_B: Array) -> Array:
+  """Write each row's new entries at its own offset (no host round-trip)."""
+  write = lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0))
+  return jax.vmap(write)(cache_BxSxKxD, new_BxTxKxD.astype(cache_BxSxKxD.dtype), start_B)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  in_features: int = 0  # 0: hidden_size (the EAGLE-3 midlayer reads 2 * hidden_size)
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array, positions_BxT: Array, layer: int,
+               cache: Optional[KVCache], tree_mask_BxTxT: Optional[Array]):
+    cfg = self.cfg
+    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    e_in = self.in_features or cfg.hidden_size
+    dt = to_dtype(cfg.dtype)
+    wq = _param(self, "q_proj", (e_in, h, d), ("embed", "heads", "head_dim"), cfg)
+    wk = _param(self, "k_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+    wv = _param(self, "v_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+    wo = _param(self, "o_proj", (h, d, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg)
+    x = x_BxTxE.astype(dt)
+    q_BxTxHxD = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
+    k_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, wk.astype(dt))
+    v_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, wv.astype(dt))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxTxHxD += _param(self, "q_bias", (h, d), ("heads", "head_dim"), cfg, zeros).astype(dt)
+      k_BxTxKxD += _param(self, "k_bias", (kv, d), ("kv_heads", "head_dim"), cfg, zeros).astype(dt)
+      v_BxTxKxD += _param(self, "v_bias", (kv, d), ("kv_heads", "head_dim"), cfg, zeros).astype(dt)
+    if cfg.qk_norm:
+      q_BxTxHxD = RMSNorm(d, cfg.rms_norm_eps, cfg, "head_dim", name="q_norm")(q_BxTxHxD)
+      k_BxTxKxD = RMSNorm(d, cfg.rms_norm_eps, cfg, "head_dim", name="k_norm")(k_BxTxKxD)
+    inv_freq = rope_inv_freq(cfg)
+    q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
+    k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
+    q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
+
+    new_cache = None
+    lengths_B = None
+    if cache is not None:
+      lengths_B = cache.lengths_B
+      k_all = _write_rows(cache.k_LxBxSxKxD[layer], k_BxTxKxD, lengths_B)
+      v_all = _write_rows(cache.v_LxBxSxKxD[layer], v_BxTxKxD, lengths_B)
+      new_cache = cache.replace(k_LxBxSxKxD=cache.k_LxBxSxKxD.at[layer].set(k_all),
+                                v_LxBxSxKxD=cache.v_LxBxSxKxD.at[layer].set(v_all))
+      k_BxSxKxD, v_BxSxKxD = k_all.astype(dt), v_all.astype(dt)
+    else:
+      k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+    mask_BxTxS = attention_mask(positions_BxT, k_BxSxKxD.shape[1], lengths_B,
+                                cfg.sliding_window, tree_mask_BxTxT)
+
+    b, t = q_BxTxHxD.shape[:2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD).astype(jnp.float32)
+    scores = scores / np.float32(math.sqrt(d))
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    out_BxTxHxD = out_BxTxKxGxD.reshape(b, t, h, d)
+    out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxHxD, wo.astype(dt))
+    return nn.with_logical_constraint(out_BxTxE, ("batch", "length", "embed")), new_cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array) -> Array:
+    cfg = self.cfg
+    dt = to_dtype(cfg.dtype)
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    gate = _param(self, "gate_proj", (e, m), ("embed", "mlp"), cfg)
+    up = _param(self, "up_proj", (e, m), ("embed", "mlp"), cfg)
+    down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
+    x = x_BxTxE.astype(dt)
+    h_BxTxM = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    h_BxTxM = nn.with_logical_constraint(h_BxTxM, ("batch", "length", "mlp"))
+    return h_BxTxM @ down.astype(dt)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT, layer, cache, tree_mask_BxTxT):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, name=name)
+    attn_out, cache = Attention(cfg, name="self_attn")(
+        norm("input_layernorm")(x_BxTxE), positions_BxT, layer, cache, tree_mask_BxTxT)
+    x_BxTxE = x_BxTxE + attn_out
+    x_BxTxE = x_BxTxE + Mlp(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxTxE))
+    return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), cache
+
+
+class Decoder(nn.Module):
+  """The LLaMA-family decoder. See the module docstring for the two entry points."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = self.param(
+        "embed_tokens",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                     ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), to_dtype(cfg.param_dtype))
+    self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+          "lm_head",
+          nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                       ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), to_dtype(cfg.param_dtype))
+
+  def embed(self, tokens_BxT: Array) -> Array:
+    x = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(to_dtype(self.cfg.dtype))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def logits_from_hidden(self, x_BxTxE: Array) -> Array:
+    """Final norm and LM head; logits in float32."""
+    x = self.norm(x_BxTxE).astype(jnp.float32)
+    w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
+    logits = x @ w_ExV.astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def forward(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
+              cache: Optional[KVCache] = None, hidden_layers: Sequence[int] = (),
+              tree_mask_BxTxT: Optional[Array] = None, return_logits: bool = True
+              ) -> DecoderOutput:
+    """Forward over T new tokens per row.
+
+    Without a cache the T tokens are a whole causal sequence. With one, row b's tokens sit at
+    absolute positions ``cache.lengths_B[b] + t`` (unless ``positions_BxT`` says otherwise),
+    are written into the cache there, and the returned cache has ``lengths_B + T``; the
+    caller lowers the lengths again to roll back rejected tokens.
+    """
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      start_B = cache.lengths_B if cache is not None else jnp.zeros((b,), jnp.int32)
+      positions_BxT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    x_BxTxE = self.embed(tokens_BxT)
+    hidden = {}
+    for i, layer in enumerate(self.layers):
+      if i in hidden_layers:
+        hidden[i] = x_BxTxE
+      x_BxTxE, cache = layer(x_BxTxE, positions_BxT, i, cache, tree_mask_BxTxT)
+    hidden[self.cfg.num_layers] = x_BxTxE
+    for i in hidden_layers:
+      if i not in hidden:
+        raise ValueError(f"hidden layer index {i} outside [0, {self.cfg.num_layers}]")
+    if cache is not None:
+      cache = cache.replace(lengths_B=cache.lengths_B + t)
+    logits = self.logits_from_hidden(x_BxTxE) if return_logits else None
+    return DecoderOutput(logits, tuple(hidden[i] for i in hidden_layers), cache)
+
+  def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None) -> Array:
+    return self.forward(tokens_BxT, positions_BxT).logits_BxTxV
+
+
+def init_params(cfg: ModelConfig, rng: Array) -> dict:
+  """Random parameters (unboxed), e.g. for tests and for the embedded default."""
+  variables = Decoder(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))
+  return nn.unbox(variables["params"])
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

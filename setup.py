@@ -1,0 +1,34 @@
+"""ppow_jax: window-level policy optimization (PPOW) for speculative-decoding drafters, in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="ppow_jax",
+    version="0.1.0",
+    description="Train speculative-decoding drafters with window-level policy optimization (PPOW).",
+    packages=setuptools.find_packages(include=["ppow_jax", "ppow_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",  # TFDS's file format that reads without TensorFlow
+        "grain>=0.2",  # deterministic, checkpointable input iterators
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",  # report plots
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",  # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+            "transformers>=4.56",
+        ],
+    },
+)
