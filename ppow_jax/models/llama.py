@@ -180,26 +180,18 @@ class RMSNorm(nn.Module):
     return (scale.astype(jnp.float32) * xf).astype(x.dtype)
 
 
-def attention_mask(q_pos_BxT: Array, kv_len: int, lengths_B: Optional[Array],
-                   sliding_window: int, tree_mask_BxTxT: Optional[Array] = None) -> Array:
-  """Boolean mask [B, T, S]: query at absolute position P sees key slot s iff s <= P.
+def attention_mask(q_pos_BxT: Array, kv_len: int, sliding_window: int) -> Array:
+  """Boolean mask [B, T, S]: the query at absolute position P sees key slot s iff s <= P.
 
   With a cache, keys live at slots 0..S-1 and the T new tokens were just written at slots
-  ``lengths_B + t``. ``tree_mask_BxTxT`` (optional) further restricts which of the new tokens
-  see each other, so that tree drafting can reuse verification unchanged.
+  ``lengths_B + t`` (= their positions), so this is the causal mask over the whole row.
+  Callers that lay tokens out differently (tree drafting, PPOW rollout blocks, EAGLE-3's
+  training-time test) pass an explicit ``attn_mask_BxTxS`` instead.
   """
   s_S = jnp.arange(kv_len)
   mask = s_S[None, None, :] <= q_pos_BxT[:, :, None]
   if sliding_window:
     mask &= s_S[None, None, :] > q_pos_BxT[:, :, None] - sliding_window
-  if tree_mask_BxTxT is not None:
-    start_B = lengths_B if lengths_B is not None else jnp.zeros(q_pos_BxT.shape[0], jnp.int32)
-    rel_BxS = s_S[None, :] - start_B[:, None]
-    in_block_BxS = (rel_BxS >= 0) & (rel_BxS < q_pos_BxT.shape[1])
-    t = q_pos_BxT.shape[1]
-    block_BxTxS = jnp.take_along_axis(
-        tree_mask_BxTxT, jnp.clip(rel_BxS, 0, t - 1)[:, None, :].repeat(t, 1), axis=2)
-    mask &= jnp.where(in_block_BxS[:, None, :], block_BxTxS, True)
   return mask
 
 
@@ -215,7 +207,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxE: Array, positions_BxT: Array, layer: int,
-               cache: Optional[KVCache], tree_mask_BxTxT: Optional[Array]):
+               cache: Optional[KVCache], attn_mask_BxTxS: Optional[Array]):
     cfg = self.cfg
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     e_in = self.in_features or cfg.hidden_size
@@ -242,7 +234,6 @@ class Attention(nn.Module):
     q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
 
     new_cache = None
-    lengths_B = None
     if cache is not None:
       lengths_B = cache.lengths_B
       k_all = _write_rows(cache.k_LxBxSxKxD[layer], k_BxTxKxD, lengths_B)
@@ -252,12 +243,14 @@ class Attention(nn.Module):
       k_BxSxKxD, v_BxSxKxD = k_all.astype(dt), v_all.astype(dt)
     else:
       k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
-    mask_BxTxS = attention_mask(positions_BxT, k_BxSxKxD.shape[1], lengths_B,
-                                cfg.sliding_window, tree_mask_BxTxT)
+    mask_BxTxS = attn_mask_BxTxS
+    if mask_BxTxS is None:
+      mask_BxTxS = attention_mask(positions_BxT, k_BxSxKxD.shape[1], cfg.sliding_window)
 
     b, t = q_BxTxHxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                        preferred_element_type=jnp.float32)
     scores = scores / np.float32(math.sqrt(d))
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -288,11 +281,11 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT, layer, cache, tree_mask_BxTxT):
+  def __call__(self, x_BxTxE, positions_BxT, layer, cache, attn_mask_BxTxS):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, name=name)
     attn_out, cache = Attention(cfg, name="self_attn")(
-        norm("input_layernorm")(x_BxTxE), positions_BxT, layer, cache, tree_mask_BxTxT)
+        norm("input_layernorm")(x_BxTxE), positions_BxT, layer, cache, attn_mask_BxTxS)
     x_BxTxE = x_BxTxE + attn_out
     x_BxTxE = x_BxTxE + Mlp(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxTxE))
     return nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed")), cache
@@ -324,21 +317,24 @@ class Decoder(nn.Module):
 
   def logits_from_hidden(self, x_BxTxE: Array) -> Array:
     """Final norm and LM head; logits in float32."""
-    x = self.norm(x_BxTxE).astype(jnp.float32)
+    dt = to_dtype(self.cfg.dtype)
+    x = self.norm(x_BxTxE).astype(dt)
     w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
-    logits = x @ w_ExV.astype(jnp.float32)
+    # accumulate in float32 without materialising a float32 copy of a large bf16 head
+    logits = jnp.einsum("bte,ev->btv", x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def forward(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
               cache: Optional[KVCache] = None, hidden_layers: Sequence[int] = (),
-              tree_mask_BxTxT: Optional[Array] = None, return_logits: bool = True
+              attn_mask_BxTxS: Optional[Array] = None, return_logits: bool = True
               ) -> DecoderOutput:
     """Forward over T new tokens per row.
 
     Without a cache the T tokens are a whole causal sequence. With one, row b's tokens sit at
     absolute positions ``cache.lengths_B[b] + t`` (unless ``positions_BxT`` says otherwise),
     are written into the cache there, and the returned cache has ``lengths_B + T``; the
-    caller lowers the lengths again to roll back rejected tokens.
+    caller lowers the lengths again to roll back rejected tokens. ``attn_mask_BxTxS``
+    (S = cache slots, or T without a cache) replaces the default causal mask.
     """
     b, t = tokens_BxT.shape
     if positions_BxT is None:
@@ -349,7 +345,7 @@ class Decoder(nn.Module):
     for i, layer in enumerate(self.layers):
       if i in hidden_layers:
         hidden[i] = x_BxTxE
-      x_BxTxE, cache = layer(x_BxTxE, positions_BxT, i, cache, tree_mask_BxTxT)
+      x_BxTxE, cache = layer(x_BxTxE, positions_BxT, i, cache, attn_mask_BxTxS)
     hidden[self.cfg.num_layers] = x_BxTxE
     for i in hidden_layers:
       if i not in hidden:

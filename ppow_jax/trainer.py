@@ -1,0 +1,136 @@
+"""The training loop of one stage: resume, step, log, checkpoint, stop cleanly.
+
+* Resume: the newest committed checkpoint of the stage (state + data position) is restored,
+  so the same command continues an interrupted run and ends bit-identical on CPU.
+* The host never waits for the device inside the loop: step n+1 is dispatched before step
+  n's metrics are read (nanodo's pattern).
+* A NaN/Inf in the loss stops the run with the step number; the state of that step is never
+  saved, so the last checkpoint is the last good one.
+* SIGTERM (preemption) finishes the current step, saves, and exits with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+from ppow_jax.checkpoint import Checkpointer
+
+
+class NonFiniteError(RuntimeError):
+  """The loss went NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  num_steps: int
+  save_every: int = 50
+  log_every: int = 10
+  max_to_keep: int = 3
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _scalars(metrics: dict) -> dict:
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    out[k] = float(v) if v.ndim == 0 else v
+  return out
+
+
+def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
+        ckpt_dir: str, cfg: LoopConfig, writer: Optional[Any] = None,
+        on_metrics: Optional[Callable[[int, dict], None]] = None) -> Any:
+  """Run ``state, metrics = step_fn(state, *step_args, batch)`` until ``cfg.num_steps``.
+
+  ``data`` is an iterator with ``get_state()``/``set_state()`` (JSON-serialisable).
+  Returns the final state (also saved).
+  """
+  ckpt = Checkpointer(ckpt_dir, cfg.max_to_keep)
+  start = 0
+  last = ckpt.latest_step()
+  if last is not None:
+    state, data_state = ckpt.restore(state)
+    data.set_state(data_state)
+    start = int(last)
+    logging.info("[%s] resumed from step %d (%s)", name, start, ckpt_dir)
+  if start >= cfg.num_steps:
+    ckpt.close()
+    return state
+
+  pending = None  # (step number, metrics of that step, data state after it, state)
+  t_last, steps_since = time.perf_counter(), 0
+
+  def finish(pending_item, force_save: bool):
+    nonlocal t_last, steps_since
+    step_no, metrics, data_state, new_state = pending_item
+    m = _scalars(metrics)
+    loss = m.get("loss", 0.0)
+    if not np.isfinite(loss):
+      ckpt.close()
+      raise NonFiniteError(
+          f"[{name}] loss is {loss} at step {step_no}; stopped. Last good checkpoint: step "
+          f"{ckpt.latest_step()} in {ckpt_dir}")
+    steps_since += 1
+    if step_no % cfg.log_every == 0 or step_no == cfg.num_steps:
+      now = time.perf_counter()
+      m["windows_per_s"] = m.get("windows", 0.0) * steps_since / max(now - t_last, 1e-9)
+      t_last, steps_since = now, 0
+      shown = " ".join(f"{k}={v:.4g}" for k, v in m.items()
+                       if isinstance(v, float) and k != "windows")
+      logging.info("[%s] step %d/%d %s", name, step_no, cfg.num_steps, shown)
+      print(f"[{name}] {step_no}/{cfg.num_steps} {shown}", file=sys.stderr, flush=True)
+      if writer is not None:
+        writer.write(step_no, m)
+    if on_metrics is not None:
+      on_metrics(step_no, m)
+    if force_save or step_no % cfg.save_every == 0 or step_no == cfg.num_steps:
+      ckpt.save(step_no, new_state, data_state, force=True)
+
+  with _Preemption() as preempt:
+    for step_no in range(start + 1, cfg.num_steps + 1):
+      batch = next(data)
+      data_state = data.get_state()
+      state, metrics = step_fn(state, *step_args, batch)
+      if pending is not None:
+        finish(pending, False)
+      pending = (step_no, metrics, data_state, state)
+      if preempt.requested:
+        finish(pending, True)
+        ckpt.close()
+        logging.warning("[%s] SIGTERM: saved step %d, exiting", name, step_no)
+        print(f"[{name}] interrupted: saved step {step_no}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(143)
+    finish(pending, False)
+  ckpt.close()
+  return state

@@ -1,0 +1,168 @@
+"""The speculative engine: greedy output equals AR, sampling is lossless, bad input is refused."""
+
+import itertools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats as scipy_stats
+
+from ppow_jax import drafters, engine
+from ppow_jax.errors import UserError
+from ppow_jax.models import eagle3, llama
+
+TARGET = llama.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                           num_heads=4, num_kv_heads=2, max_position_embeddings=128,
+                           initializer_range=0.3)
+SMALL = llama.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, max_position_embeddings=128)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [3]]
+MAX_NEW = 14
+
+
+def _noisy_copy(params, scale, seed):
+  """A drafter that mostly agrees with the target: its weights plus noise."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tp = llama.init_params(TARGET, jax.random.PRNGKey(0))
+    cls.prompts, cls.lens = engine.pad_prompts(PROMPTS)
+    cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW)
+    ar = engine.Engine(TARGET, None, cfg).generate(cls.tp, None, cls.prompts, cls.lens,
+                                                    jax.random.PRNGKey(0))
+    cls.ar_tokens = ar.new_tokens()
+    cls.ar_stats = ar.stats.summary()
+
+  def test_autoregressive_matches_full_forward_argmax(self):
+    model = llama.Decoder(TARGET)
+    for prompt, new in zip(PROMPTS, self.ar_tokens):
+      seq = jnp.asarray([prompt + new[:-1]])
+      logits = model.apply({"params": self.tp}, seq)
+      np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1:], -1), new)
+    self.assertEqual(self.ar_stats["tau"], 1.0)
+
+  @parameterized.parameters(
+      ("lm_random", 1), ("lm_noisy", 4), ("lm_noisy", 10),
+      ("eagle3", 1), ("eagle3", 4), ("eagle3", 10))
+  def test_speculative_equals_autoregressive(self, kind, window):
+    if kind == "lm_random":
+      drafter = drafters.LMDrafter(SMALL)
+      dparams = llama.init_params(SMALL, jax.random.PRNGKey(1))
+    elif kind == "lm_noisy":
+      drafter = drafters.LMDrafter(TARGET)
+      dparams = _noisy_copy(self.tp, 0.005, 1)
+    else:
+      ecfg = eagle3.Eagle3Config.from_target(TARGET, draft_vocab_size=48)
+      drafter = drafters.Eagle3FeatureDrafter.create(ecfg, TARGET)
+      counts = np.arange(TARGET.vocab_size)[::-1].astype(np.float64)
+      dparams = {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
+                 "vocab": eagle3.build_draft_vocab(counts, 48)}
+    cfg = engine.DecodeConfig(window=window, max_new_tokens=MAX_NEW)
+    out = engine.Engine(TARGET, drafter, cfg).generate(self.tp, dparams, self.prompts,
+                                                       self.lens, jax.random.PRNGKey(0))
+    self.assertEqual(out.new_tokens(), self.ar_tokens)
+    s = out.stats.summary()
+    self.assertEqual(s["committed"], len(PROMPTS) * (MAX_NEW - 1))
+    self.assertGreaterEqual(s["tau"], 1.0)
+    self.assertLessEqual(s["tau"], window + 1)
+    self.assertLess(s["verify_calls"], self.ar_stats["verify_calls"] + 1)
+    if kind == "lm_noisy":  # a near-copy accepts most drafts; ragged rows are exercised
+      self.assertGreater(s["tau"], 2.0)
+    # greedy: α of one-hot distributions is the match indicator, so analytic τ = 1 + a
+    self.assertAlmostEqual(s["tau_analytic"] * s["verify_calls"],
+                           s["accepted"] + s["verify_calls"], delta=1e-3)
+
+  def test_eos_stops_rows(self):
+    eos = self.ar_tokens[0][3]
+    cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW, eos_ids=(eos,))
+    out = engine.Engine(TARGET, drafters.LMDrafter(TARGET), cfg).generate(
+        self.tp, _noisy_copy(self.tp, 0.005, 1), self.prompts, self.lens, jax.random.PRNGKey(0))
+    for ref, got in zip(self.ar_tokens, out.new_tokens()):
+      cut = ref.index(eos) + 1 if eos in ref else len(ref)
+      self.assertEqual(got, ref[:cut])
+
+
+class LosslessSamplingTest(parameterized.TestCase):
+  """At T > 0 speculative samples follow the target's distribution exactly."""
+
+  V = 6
+  CFG = llama.ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, max_position_embeddings=32,
+                          initializer_range=0.5)
+
+  def _exact_joint(self, params, prompt, temperature):
+    """p(x1, x2, x3 | prompt) by enumerating all V^3 continuations."""
+    model = llama.Decoder(self.CFG)
+    seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
+    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(seqs)) / temperature)
+    p = len(prompt)
+    logp = np.asarray(logp, np.float64)
+    lp = sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3))
+    return np.exp(lp)
+
+  @parameterized.parameters(1.0, 0.7)
+  def test_joint_distribution_of_three_tokens(self, temperature):
+    tp = llama.init_params(self.CFG, jax.random.PRNGKey(3))
+    dp = _noisy_copy(tp, 0.4, 4)  # a drafter that often disagrees
+    prompt = [1, 4, 2]
+    rows, reps = 8192, 8
+    cfg = engine.DecodeConfig(window=2, temperature=temperature, max_new_tokens=3)
+    eng = engine.Engine(self.CFG, drafters.LMDrafter(self.CFG), cfg)
+    prompts, lens = engine.pad_prompts([prompt] * rows, multiple=1)
+    counts = np.zeros(self.V ** 3)
+    accepted = 0
+    for r in range(reps):
+      out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
+      toks = np.array(out.new_tokens())
+      np.add.at(counts, toks @ (self.V ** np.arange(2, -1, -1)), 1)
+      accepted += out.stats.summary()["accepted"]
+    self.assertGreater(accepted, 0.2 * rows * reps)  # rejections and acceptances both occur
+    self.assertLess(accepted, 1.8 * rows * reps)
+    expected = self._exact_joint(tp, prompt, temperature) * rows * reps
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    pval = scipy_stats.chi2.sf(chi2, len(obs) - 1)
+    self.assertGreater(pval, 1e-3, f"chi2={chi2:.1f} dof={len(obs) - 1}")
+
+
+class BadInputTest(absltest.TestCase):
+
+  def test_window_and_temperature(self):
+    with self.assertRaisesRegex(UserError, "window K must be >= 1"):
+      engine.DecodeConfig(window=0)
+    with self.assertRaisesRegex(UserError, "temperature must be >= 0"):
+      engine.DecodeConfig(temperature=-0.5)
+
+  def test_vocab_mismatch(self):
+    other = llama.ModelConfig(vocab_size=65, hidden_size=16, intermediate_size=32, num_layers=1,
+                              num_heads=2, num_kv_heads=1)
+    with self.assertRaisesRegex(UserError, "vocab_size 65 != target vocab_size 64"):
+      engine.Engine(TARGET, drafters.LMDrafter(other), engine.DecodeConfig())
+
+  def test_prompt_longer_than_cache(self):
+    eng = engine.Engine(TARGET, None, engine.DecodeConfig(max_new_tokens=100))
+    prompts, lens = engine.pad_prompts([[1] * 40])
+    with self.assertRaisesRegex(UserError, "exceeds the target's max_position_embeddings 128"):
+      eng.generate(None, None, prompts, lens, jax.random.PRNGKey(0))
+
+  def test_empty_prompt(self):
+    with self.assertRaisesRegex(UserError, "at least one token"):
+      engine.pad_prompts([[1, 2], []])
+
+
+if __name__ == "__main__":
+  absltest.main()
