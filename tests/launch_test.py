@@ -17,8 +17,15 @@ CONFIG = "configs/llama31_8b_eagle3.py:tpu_v5p"
 TPU_ENV = {"TPU_NAME": "ppow-test", "ZONE": "us-east5-a", "PROJECT": "proj",
            "WORKDIR": "gs://bucket/ppow/run 1", "CONFIG": CONFIG,
            "ACCELERATOR_TYPE": "v5p-8", "RUNTIME_VERSION": "v2-alpha-tpuv5"}
-_TMP = tempfile.TemporaryDirectory()  # removed at exit
 GPU_ENV = {"WORKDIR": "/shared/ppow/run1", "CONFIG": "configs/llama33_70b_eagle3.py:gpu_8xh100"}
+
+_TMP = tempfile.TemporaryDirectory()  # removed at exit
+_STUBS = os.path.join(_TMP.name, "bin")  # first on PATH: a dry run that runs anything fails
+os.makedirs(_STUBS)
+for _tool in ("gcloud", "srun", "tar"):
+  with open(os.path.join(_STUBS, _tool), "w") as _f:
+    _f.write(f"#!/bin/sh\necho 'dry run executed {_tool}' >&2\nexit 97\n")
+  os.chmod(os.path.join(_STUBS, _tool), 0o755)
 
 
 def _shellcheck():
@@ -27,11 +34,11 @@ def _shellcheck():
   return shutil.which("shellcheck") or (local if os.access(local, os.X_OK) else None)
 
 
-def _run(script: str, env: dict, *args: str, dry_run: bool = True):
+def _run(script: str, env: dict, *args: str):
+  """Runs a launch script with DRY_RUN=1 -> (CompletedProcess, its TMPDIR)."""
   tmp = tempfile.mkdtemp(dir=_TMP.name)
-  full_env = {"PATH": os.environ["PATH"], "HOME": tmp, "TMPDIR": tmp, **env}
-  if dry_run:
-    full_env["DRY_RUN"] = "1"
+  full_env = {"PATH": _STUBS + os.pathsep + os.environ["PATH"], "HOME": tmp, "TMPDIR": tmp,
+              "DRY_RUN": "1", **env}
   proc = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=full_env,
                         capture_output=True, text=True, timeout=30, cwd=REPO)
   return proc, tmp

@@ -13,7 +13,6 @@ from unittest import mock
 from absl.testing import absltest, parameterized
 from flax import traverse_util
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np

@@ -66,6 +66,9 @@ def get_preset(name: str, **overrides) -> llama.ModelConfig:
 def target_config(config) -> llama.ModelConfig:
   """The target architecture of a run config (``config.target``)."""
   t = config.target
+  if not t.preset:
+    raise UserError(f"target.preset is empty: name the target's architecture (one of "
+                    f"{', '.join(sorted(PRESETS))})")
   return get_preset(t.preset, dtype=t.dtype, param_dtype=t.param_dtype)
 
 
@@ -73,14 +76,21 @@ def drafter_config(config, target_cfg: llama.ModelConfig) -> DrafterConfig:
   """The drafter architecture of a run config (``config.drafter``).
 
   ``eagle3``: one layer shaped like the target's (EAGLE-3's default), with the reduced draft
-  vocab; ``lm``: the independent small LM named by ``drafter.preset``, which must share the
-  target's vocabulary.
+  vocab (``draft_vocab_size`` 0: the target's); ``lm``: the independent small LM named by
+  ``drafter.preset``, which must share the target's vocabulary.
   """
   d = config.drafter
   if d.kind == "eagle3":
-    return eagle3.Eagle3Config.from_target(target_cfg, d.draft_vocab_size,
-                                           dtype=d.dtype, param_dtype=d.param_dtype)
+    try:
+      return eagle3.Eagle3Config.from_target(
+          target_cfg, d.draft_vocab_size or target_cfg.vocab_size, dtype=d.dtype,
+          param_dtype=d.param_dtype)
+    except ValueError as e:
+      raise UserError(f"drafter (kind eagle3, target {config.target.preset!r}): {e}") from None
   if d.kind == "lm":
+    if not d.preset:
+      raise UserError(f"drafter.preset is empty: kind 'lm' needs the drafter's architecture "
+                      f"(one of {', '.join(sorted(PRESETS))})")
     cfg = get_preset(d.preset, dtype=d.dtype, param_dtype=d.param_dtype)
     if cfg.vocab_size != target_cfg.vocab_size:
       raise UserError(f"drafter.preset {d.preset!r} has vocab_size {cfg.vocab_size}, but the "

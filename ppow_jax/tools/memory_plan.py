@@ -37,7 +37,6 @@ over whole sequences, and data-pipeline buffers. Keep ~25% of HBM free for them.
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 from absl import app, flags

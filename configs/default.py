@@ -1,0 +1,55 @@
+r"""The embedded default: the whole mission on a laptop CPU, offline, in minutes.
+
+  python -m ppow_jax.main --config=configs/default.py --workdir=workdir/default   # = make demo
+
+Corpus: this Python's standard library sources (read at run time, split by file). A 2k-token
+BPE and a ~1M-parameter LLaMA-style target are trained here and cached in the workdir; then an
+EAGLE-3 drafter is trained token-level (the baseline), PPOW continues from it, a
+continued-baseline control trains on for PPOW's data budget, and all are evaluated against AR.
+
+Variants (``configs/default.py:<variant>``):
+  (none)  the demo (about 15 minutes on 2 CPU cores);
+  smoke   the same pipeline at toy sizes, for the end-to-end test (seconds to a minute);
+  lm      an independent small-LM drafter instead of EAGLE-3.
+"""
+
+from ppow_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  variants = set((arg or "").split(",")) - {""}
+  unknown = variants - {"smoke", "lm"}
+  if unknown:
+    raise ValueError(f"configs/default.py: unknown variant(s) {sorted(unknown)}")
+  if "lm" in variants:
+    c.drafter.kind = "lm"
+  if "smoke" in variants:
+    c.data.tokenizer_vocab_size = 300  # just above the 256 bytes + specials
+    c.data.tokenizer_train_docs = 40
+    c.data.seq_len = 32
+    c.target.hidden_size = 32
+    c.target.intermediate_size = 64
+    c.target.num_layers = 2
+    c.target.num_heads = 2
+    c.target.num_kv_heads = 1
+    c.target.pretrain_steps = 6
+    c.target.pretrain_batch_size = 4
+    c.baseline.steps = 4
+    c.baseline.batch_size = 2
+    c.baseline.ttt_steps = 2
+    c.ppow.steps = 3
+    c.ppow.batch_size = 2
+    c.ppow.window = 3
+    c.ppow.group_size = 2
+    c.ppow.starts_per_seq = 2
+    c.ppow.ppo_epochs = 1
+    c.eval.num_prompts = 2
+    c.eval.prompt_len = 12
+    c.eval.max_new_tokens = 8
+    c.eval.window = 3
+    c.eval.batch_sizes = (1, 2)
+    c.eval.repeats = 1
+    c.checkpoint.save_every = 2
+    c.log_every = 1
+  return c

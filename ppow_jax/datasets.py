@@ -1,0 +1,132 @@
+"""The data stage of a run: sources, tokenizer and iterators, from ``config.data``.
+
+Sources, in order of precedence: a prepared TFDS dataset by name, a JSONL conversations
+file, or a text corpus ("stdlib" = this Python's own standard library sources, read at run
+time; nothing is copied into the repository). The tokenizer is the configured one, else the
+HF target's, else a byte-level BPE trained here on the train split and cached in the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sysconfig
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+
+from ppow_jax.data import builders, pipeline, prompts
+from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Data:
+  train: Sequence[Any]  # random-access documents
+  heldout: Sequence[Any]
+  tokenizer: tokenizer_lib.TokenizerInfo
+  kind: str  # "text" | "conversations"
+  description: str
+
+
+def _corpus_source(c) -> str:
+  if c.data.corpus == "stdlib":
+    return sysconfig.get_paths()["stdlib"]
+  return c.data.corpus
+
+
+def _sources(c, workdir: str) -> tuple[dict, str, str]:
+  data_dir = os.path.join(workdir, "tfds")
+  if c.data.tfds_name:
+    builder = builders.load_prepared(c.data.tfds_name, c.data.tfds_data_dir or data_dir)
+    splits = dict(builder.as_data_source())
+    kind = "conversations" if "contents" in builder.info.features else "text"
+    return splits, kind, f"TFDS {c.data.tfds_name}"
+  if c.data.conversations:
+    builder = builders.Conversations(source=c.data.conversations,
+                                     skip_bad_lines=c.data.skip_bad_lines,
+                                     heldout_fraction=c.data.heldout_fraction,
+                                     data_dir=data_dir)
+    return builders.prepare(builder), "conversations", f"conversations {c.data.conversations}"
+  source = _corpus_source(c)
+  if not os.path.exists(source) and not any(ch in source for ch in "*?["):
+    raise UserError(f"config.data.corpus: {source!r} does not exist")
+  builder = builders.TextCorpus(source=source, include=c.data.include,
+                                exclude=tuple(c.data.exclude),
+                                heldout_fraction=c.data.heldout_fraction, data_dir=data_dir)
+  return builders.prepare(builder), "text", f"corpus {source} ({c.data.include})"
+
+
+def document_text(example: Any, kind: str) -> str:
+  if kind == "conversations":
+    return "\n".join(content for _, content in builders.example_turns(example))
+  value = example["text"] if isinstance(example, dict) else example
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_lib.TokenizerInfo:
+  if c.data.tokenizer:
+    return tokenizer_lib.load(c.data.tokenizer)
+  if c.target.hf_dir:
+    return tokenizer_lib.load(c.target.hf_dir)
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+    return tokenizer_lib.load(tok_dir)
+  n = min(len(train), c.data.tokenizer_train_docs)
+  stride = max(len(train) // max(n, 1), 1)
+  texts = (document_text(train[i * stride], kind) for i in range(n))
+  logging.info("training a %d-token BPE on %d documents", c.data.tokenizer_vocab_size, n)
+  tok = tokenizer_lib.train_bpe(texts, c.data.tokenizer_vocab_size)
+  if jax.process_index() == 0:
+    tmp = tok_dir + ".tmp"
+    tokenizer_lib.save(tok, tmp)
+    os.replace(tmp, tok_dir) if not os.path.exists(tok_dir) else None
+  return tokenizer_lib.load(tok_dir) if os.path.isdir(tok_dir) else tokenizer_lib.as_info(tok)
+
+
+def load(c, workdir: str) -> Data:
+  splits, kind, description = _sources(c, workdir)
+  if "train" not in splits or len(splits["train"]) == 0:
+    raise UserError(f"{description}: the train split is empty")
+  heldout = splits.get("heldout") or splits.get("test") or splits.get("validation") or []
+  tok = _tokenizer(c, workdir, splits["train"], kind)
+  return Data(splits["train"], heldout, tok, kind, description)
+
+
+def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int
+                   ) -> pipeline.TrainIterator:
+  """This host's share of the global batch (big_vision: each host reads its own shard)."""
+  count = jax.process_count()
+  if global_batch % count:
+    raise UserError(f"batch size {global_batch} is not divisible by the {count} hosts")
+  return pipeline.make_train_iterator(data.train, data.tokenizer, seq_len, global_batch // count,
+                                      seed, jax.process_index(), count, num_threads=0)
+
+
+def eval_prompts(c, data: Data) -> list[list[int]]:
+  """Token-id prompts: from ``eval.prompts_file``, else the held-out split's documents."""
+  info, n, max_len = data.tokenizer, c.eval.num_prompts, c.eval.prompt_len
+  out = []
+  if c.eval.prompts_file:
+    for turns in prompts.read_prompts(c.eval.prompts_file, c.data.skip_bad_lines)[:n]:
+      ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids
+      out.append(list(prompts.truncate_prompt([int(i) for i in ids], max_len,
+                                              c.eval.prompt_policy)))
+  else:
+    if not len(data.heldout):
+      raise UserError(f"{data.description}: no held-out split for evaluation prompts; set "
+                      "config.data.heldout_fraction > 0 or config.eval.prompts_file")
+    bos = [info.bos_id] if info.bos_id is not None else []
+    for i in range(len(data.heldout)):
+      ids = info.encode(document_text(data.heldout[i], data.kind))
+      # a window into the file, so that prompts are not all file headers
+      start = (len(ids) // 3) if len(ids) > 3 * max_len else 0
+      ids = bos + ids[start:start + max_len - len(bos)]
+      if len(ids) >= max_len // 2:
+        out.append(ids)
+      if len(out) == n:
+        break
+  if not out:
+    raise UserError("no evaluation prompts could be built (held-out documents too short?)")
+  return out

@@ -1,0 +1,143 @@
+"""Drafter stages: token-level baseline, PPOW (from the baseline), continued-baseline control.
+
+Each stage checkpoints under ``<workdir>/checkpoints/<stage>`` (and resumes from there), then
+exports the drafter to ``<workdir>/drafters/<stage>`` in Hugging Face layout (EAGLE-3 keys,
+or a plain LM directory), which ``ppow_jax.generate``, SGLang and vLLM load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppow_jax import config_lib, datasets, drafters, train_step, trainer
+from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.metric_writer import MetricWriter
+from ppow_jax.models import eagle3, hf, llama
+
+
+def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
+  """(drafter, initial params) from ``config.drafter``."""
+  d = c.drafter
+  if d.kind == "eagle3":
+    if d.init_from:
+      ecfg, net, vocab = eagle3.load_eagle3(d.init_from, param_dtype=d.param_dtype,
+                                            dtype=d.dtype)
+      if ecfg.vocab_size != target_cfg.vocab_size:
+        raise datasets.UserError(f"config.drafter.init_from {d.init_from}: vocab_size "
+                                 f"{ecfg.vocab_size} != target's {target_cfg.vocab_size}")
+      return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net,
+                                                                      "vocab": vocab}
+    overrides = {"dtype": d.dtype, "param_dtype": d.param_dtype}
+    if d.hidden_size:
+      overrides["hidden_size"] = d.hidden_size
+    if d.intermediate_size:
+      overrides["intermediate_size"] = d.intermediate_size
+    vd = d.draft_vocab_size or target_cfg.vocab_size
+    ecfg = eagle3.Eagle3Config.from_target(target_cfg, draft_vocab_size=vd, **overrides)
+    vocab = (eagle3.identity_draft_vocab(target_cfg.vocab_size) if vd == target_cfg.vocab_size
+             else eagle3.build_draft_vocab(_token_counts(data, target_cfg.vocab_size), vd))
+    net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(c.seed + 10))
+    return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net, "vocab": vocab}
+  if d.init_from:
+    model, params = hf.load(d.init_from, dtype=d.dtype, param_dtype=d.param_dtype)
+    hf.check_same_vocab(target_cfg, model.cfg, where=d.init_from)
+    return drafters.LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)
+  hidden = d.hidden_size or max(target_cfg.hidden_size // 2, 32)
+  heads = max(target_cfg.num_heads // 2, 1)
+  cfg = dataclasses.replace(
+      target_cfg, hidden_size=hidden, num_layers=d.num_layers, num_heads=heads,
+      num_kv_heads=1, head_dim=0,
+      intermediate_size=d.intermediate_size or target_cfg.intermediate_size // 2,
+      dtype=d.dtype, param_dtype=d.param_dtype)
+  return drafters.LMDrafter(cfg), llama.init_params(cfg, jax.random.PRNGKey(c.seed + 10))
+
+
+def _token_counts(data: datasets.Data, vocab_size: int, docs: int = 200) -> np.ndarray:
+  counts = np.zeros(vocab_size, np.float64)
+  for i in range(min(docs, len(data.train))):
+    ids = data.tokenizer.encode(datasets.document_text(data.train[i], data.kind))
+    np.add.at(counts, np.asarray(ids, np.int64), 1)
+  return counts
+
+
+def export(drafter, params, out_dir: str, tokenizer: tokenizer_lib.TokenizerInfo) -> None:
+  """Atomic export (each writer validates keys/shapes before writing anything)."""
+  params = jax.device_get(params)
+  if isinstance(drafter, drafters.Eagle3FeatureDrafter):
+    eagle3.save_eagle3(out_dir, drafter.cfg, params["net"], params["vocab"])
+  else:
+    hf.save(out_dir, drafter.cfg, params, overwrite=True)
+  tokenizer_lib.save(tokenizer, out_dir)
+
+
+def load_exported(out_dir: str, target_cfg: llama.ModelConfig):
+  with open(os.path.join(out_dir, "config.json")) as f:
+    archs = json.load(f).get("architectures") or []
+  if any("Eagle3" in a for a in archs):
+    ecfg, net, vocab = eagle3.load_eagle3(out_dir)
+    return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {
+        "net": jax.tree_util.tree_map(jnp.asarray, net), "vocab": vocab}
+  model, params = hf.load(out_dir)
+  return drafters.LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_params,
+              drafter, init_params, data: datasets.Data, gamma: float) -> tuple[Any, dict]:
+  """Train one drafter stage (resuming if checkpoints exist) and export it."""
+  out_dir = os.path.join(workdir, "drafters", name)
+  done = os.path.join(out_dir, "ppow_stage_info.json")
+  if os.path.isfile(done):
+    with open(done) as f:
+      info = json.load(f)
+    _, params = load_exported(out_dir, target_cfg)
+    logging.info("[%s] already trained (%s); delete it to retrain", name, out_dir)
+    return params, info
+  trainable, constants = train_step.split_params(drafter, init_params)
+  if name == "baseline":
+    steps, batch = c.baseline.steps, c.baseline.batch_size
+    optim = config_lib.optim_config(c.baseline.optim)
+  elif name == "ppow":
+    steps, batch = c.ppow.steps, c.ppow.batch_size
+    optim = config_lib.optim_config(c.ppow.optim)
+  else:  # continued baseline: the same training sequences as PPOW consumed
+    steps = -(-c.ppow.steps * c.ppow.batch_size // c.baseline.batch_size)
+    batch = c.baseline.batch_size
+    optim = config_lib.optim_config(c.continued.optim)
+  optimizer = train_step.make_optimizer(optim)
+  if name == "ppow":
+    pcfg = config_lib.ppow_config(c, gamma)
+    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer)
+  else:
+    step = train_step.make_baseline_step(target_cfg, drafter, config_lib.baseline_config(c),
+                                         optimizer)
+  seed = c.seed + {"baseline": 100, "ppow": 200, "continued": 300}[name]
+  state = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(seed))
+  it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard", name))
+  loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
+                            c.checkpoint.max_to_keep)
+  t0 = time.perf_counter()
+  windows = []
+  state = trainer.run(name, jax.jit(step), state, (target_params, constants), it,
+                      os.path.join(workdir, "checkpoints", name), loop, writer,
+                      on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)))
+  writer.close()
+  params = train_step.join_params(drafter, state.params, constants)
+  info = {"stage": name, "steps": steps, "batch_size": batch,
+          "sequences": steps * batch, "windows": float(np.sum(windows)),
+          "train_seconds_this_run": time.perf_counter() - t0, "gamma": gamma}
+  if jax.process_index() == 0:
+    export(drafter, params, out_dir, data.tokenizer)
+    with open(done + ".tmp", "w") as f:
+      json.dump(info, f, indent=1)
+    os.replace(done + ".tmp", done)
+  return params, info

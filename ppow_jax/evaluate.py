@@ -1,0 +1,109 @@
+"""The unified decoding protocol (PROTOCOL.md): every drafter against AR, same prompts/engine.
+
+For each temperature and batch size, AR and every drafter decode the same prompts with the
+same compiled engine code; timed repeats are interleaved (AR, drafter 1, drafter 2, ..., then
+again) so that machine noise hits all of them alike, and speedups use the median of the
+repeats. τ counts the bonus token: Σ committed / Σ verification calls over the whole set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from ppow_jax import engine
+from ppow_jax.models import llama
+
+
+def hardware() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": dev.platform, "device_kind": dev.device_kind,
+          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "machine": platform.machine(), "python": platform.python_version(),
+          "jax": jax.__version__, "load_average": list(os.getloadavg())}
+
+
+def _batches(prompts: list[list[int]], batch_size: int, min_length: int):
+  """Full batches only (one shape, one compile); a remainder is left out of that batch size."""
+  usable = len(prompts) // batch_size * batch_size
+  return [engine.pad_prompts(prompts[i:i + batch_size], min_length=min_length)
+          for i in range(0, usable, batch_size)]
+
+
+def _run_all(eng: engine.Engine, tparams, dparams, batches, rng) -> tuple[list, Any, float]:
+  """Decode every batch; returns (new tokens per prompt, summed stats, seconds)."""
+  t0 = time.perf_counter()
+  outs = [eng.generate(tparams, dparams, p, l, rng) for p, l in batches]
+  jax.block_until_ready([o.tokens_BxN for o in outs])
+  seconds = time.perf_counter() - t0
+  tokens, stats = [], None
+  for out in outs:
+    tokens += out.new_tokens()
+    st = jax.tree_util.tree_map(np.asarray, out.stats)
+    stats = st if stats is None else _merge(stats, st)
+  return tokens, stats, seconds
+
+
+def _merge(a: engine.Stats, b: engine.Stats) -> engine.Stats:
+  """Per-row fields (``*_B``) are concatenated, rows being prompts; the others are sums."""
+  merged = {f.name: (np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+                     if f.name.endswith("_B") else getattr(a, f.name) + getattr(b, f.name))
+            for f in dataclasses.fields(engine.Stats)}
+  return engine.Stats(**merged)
+
+
+def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
+             prompts: list[list[int]], temperatures, batch_sizes, window: int,
+             max_new_tokens: int, repeats: int, eos_ids: tuple = (), seed: int = 0,
+             log: Optional[Any] = print) -> list[dict]:
+  """Rows ``{temperature, drafter, batch_size, tau, ..., tokens_per_s, speedup}``.
+
+  ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically.
+  """
+  min_len = max(len(p) for p in prompts)
+  rows = []
+  for temperature in temperatures:
+    dcfg = engine.DecodeConfig(window=window, temperature=float(temperature),
+                               max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+    for bs in batch_sizes:
+      batches = _batches(prompts, bs, min_len)
+      runs = {"ar": (engine.Engine(target_cfg, None, dcfg), None)}
+      for name, (drafter, params) in drafters.items():
+        runs[name] = (engine.Engine(target_cfg, drafter, dcfg), params)
+      rng = jax.random.PRNGKey(seed)
+      results = {name: {"times": []} for name in runs}
+      for name, (eng, params) in runs.items():  # compile + first run, untimed
+        toks, stats, _ = _run_all(eng, target_params, params, batches, rng)
+        results[name].update(tokens=toks, stats=stats)
+      for _ in range(repeats):
+        for name, (eng, params) in runs.items():
+          _, _, sec = _run_all(eng, target_params, params, batches, rng)
+          results[name]["times"].append(sec)
+      ar_tps = None
+      for name, res in results.items():
+        n_tokens = sum(len(t) for t in res["tokens"])
+        tps = n_tokens / float(np.median(res["times"]))
+        ar_tps = tps if name == "ar" else ar_tps
+        summary = res["stats"].summary()
+        row = {"temperature": float(temperature), "drafter": name, "batch_size": bs,
+               "window": 0 if name == "ar" else window, **summary,
+               "tokens_per_s": tps, "speedup": tps / ar_tps,
+               "seconds_median": float(np.median(res["times"])),
+               "seconds_all": res["times"], "new_tokens": n_tokens,
+               "num_prompts": len(res["tokens"])}
+        if name == "ar":
+          row["tau"] = row["tau_analytic"] = row["tau_per_prompt_mean"] = 1.0
+          row["alpha"] = row["alpha_expected"] = []
+        if temperature == 0:
+          row["greedy_matches_ar"] = res["tokens"] == results["ar"]["tokens"]
+        rows.append(row)
+        if log:
+          log(f"[eval] T={temperature} batch={bs} {name:>10}: tau={row['tau']:.3f} "
+              f"tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
+  return rows

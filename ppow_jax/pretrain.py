@@ -1,0 +1,118 @@
+"""The target: load a local HF model, or pretrain the embedded tiny one (cached in the workdir).
+
+The embedded target is a small LLaMA-style decoder trained here with next-token cross-entropy
+so that acceptance lengths mean something; it is exported in Hugging Face layout to
+``<workdir>/target`` (with the tokenizer), which a second run reuses and which
+``ppow_jax.generate`` and transformers load directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ppow_jax import config_lib, datasets, engine, train_step, trainer
+from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.metric_writer import MetricWriter
+from ppow_jax.models import hf, llama
+
+
+def _lm_step(cfg: llama.ModelConfig, optimizer: optax.GradientTransformation):
+  model = llama.Decoder(cfg)
+
+  def loss_fn(params, batch):
+    tokens, mask = batch["tokens_BxT"], batch["loss_mask_BxT"]
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    w = mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(w.sum(), 1.0)
+
+  def step(state: train_step.TrainState, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    tokens = jnp.asarray(batch["tokens_BxT"].shape[0] * batch["tokens_BxT"].shape[1],
+                         jnp.float32)
+    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+            {"loss": loss, "grad_norm": optax.global_norm(grads), "windows": tokens})
+
+  return step, loss_fn
+
+
+def heldout_loss(cfg: llama.ModelConfig, params, data: datasets.Data, seq_len: int,
+                 num_batches: int = 4) -> float:
+  """Mean next-token NLL (nats) on held-out documents."""
+  if not len(data.heldout):
+    return float("nan")
+  it = datasets.pipeline.make_train_iterator(data.heldout, data.tokenizer, seq_len, 8, 0,
+                                             num_epochs=1, shuffle=False, num_threads=0)
+  _, loss_fn = _lm_step(cfg, optax.sgd(0.0))
+  fn = jax.jit(loss_fn)
+  losses = []
+  for _, batch in zip(range(num_batches), it):
+    losses.append(float(fn(params, batch)))
+  return float(np.mean(losses)) if losses else float("nan")
+
+
+def sample_text(cfg: llama.ModelConfig, params, data: datasets.Data, prompt: str,
+                max_new_tokens: int = 48) -> str:
+  info = data.tokenizer
+  ids = ([info.bos_id] if info.bos_id is not None else []) + info.encode(prompt)
+  eng = engine.Engine(cfg, None, engine.DecodeConfig(max_new_tokens=max_new_tokens))
+  prompts, lens = engine.pad_prompts([ids])
+  out = eng.generate(params, None, prompts, lens, jax.random.PRNGKey(0))
+  return prompt + info.decode(out.new_tokens()[0])
+
+
+def get_target(c, workdir: str, data: datasets.Data, train: bool) -> tuple[llama.ModelConfig,
+                                                                          Any, dict]:
+  """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
+  if c.target.hf_dir:
+    model, params = hf.load(c.target.hf_dir, dtype=c.target.dtype,
+                            param_dtype=c.target.param_dtype)
+    hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
+    return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), {"source": c.target.hf_dir}
+  out_dir = os.path.join(workdir, "target")
+  info_path = os.path.join(out_dir, "ppow_target_info.json")
+  if os.path.isfile(info_path):
+    model, params = hf.load(out_dir)
+    with open(info_path) as f:
+      return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), json.load(f)
+  if not train:
+    raise FileNotFoundError(f"{out_dir} has no pretrained target; run the 'target' stage")
+  cfg = config_lib.embedded_target_config(c, data.tokenizer.vocab_size)
+  optimizer = train_step.make_optimizer(config_lib.optim_config(c.target.optim))
+  params = llama.init_params(cfg, jax.random.PRNGKey(c.seed))
+  state = train_step.init_state(params, optimizer, jax.random.PRNGKey(c.seed + 1))
+  step, _ = _lm_step(cfg, optimizer)
+  it = datasets.train_iterator(data, c.data.seq_len + 1, c.target.pretrain_batch_size, c.seed)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard", "target"))
+  loop = trainer.LoopConfig(c.target.pretrain_steps, c.checkpoint.save_every, c.log_every,
+                            c.checkpoint.max_to_keep)
+  state = trainer.run("target", jax.jit(lambda s, b: step(s, b)), state, (), it,
+                      os.path.join(workdir, "checkpoints", "target"), loop, writer)
+  writer.close()
+  loss = heldout_loss(cfg, state.params, data, c.data.seq_len + 1)
+  sample = sample_text(cfg, state.params, data, "def ")
+  info = {"source": "embedded", "params": llama.param_count(state.params),
+          "heldout_loss_nats": loss, "heldout_perplexity": float(np.exp(loss)),
+          "sample": sample, "steps": c.target.pretrain_steps,
+          "config": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_layers",
+                                                  "num_heads", "num_kv_heads",
+                                                  "intermediate_size")}}
+  logging.info("target: held-out loss %.3f nats; sample: %r", loss, sample)
+  if jax.process_index() == 0:
+    hf.save(out_dir, cfg, jax.device_get(state.params), overwrite=True)
+    tokenizer_lib.save(data.tokenizer, out_dir)
+    with open(info_path + ".tmp", "w") as f:
+      json.dump(info, f, indent=1)
+    os.replace(info_path + ".tmp", info_path)
+  return cfg, state.params, info
