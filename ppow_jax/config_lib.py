@@ -234,3 +234,62 @@ def validate(c) -> None:
                     f"{c.eval.prompt_policy!r}")
   if not c.target.hf_dir and c.target.hidden_size % c.target.num_heads:
     raise UserError("config.target.hidden_size must be divisible by config.target.num_heads")
+
+
+def real_run_config(preset: str, variant: str, tensor: int) -> ml_collections.ConfigDict:
+  """Shared recipe of the real-target configs (EAGLE-3 drafter, ShareGPT-style data).
+
+  ``variant``: "tpu_v5p" | "gpu_8xh100" | "runlocal" (the tiny preset, for a smoke run).
+  ``tensor``: tensor-parallel width of the frozen target (must divide its KV heads).
+  """
+  if variant not in ("tpu_v5p", "gpu_8xh100", "runlocal"):
+    raise ValueError(f"unknown variant {variant!r}; expected tpu_v5p, gpu_8xh100 or runlocal")
+  c = base_config()
+  c.stages = "baseline,ppow,continued,eval"  # the target is given, not pretrained
+  c.target.preset = preset
+  c.target.hf_dir = ""  # set on the command line: --config.target.hf_dir=/local/path
+  c.target.dtype = c.target.param_dtype = "bfloat16"
+  c.data.corpus = ""
+  c.data.conversations = ""  # set: --config.data.conversations=/data/sharegpt.jsonl
+  c.data.regenerate = True  # drafters trained on the target's own answers accept more
+  c.data.seq_len = 2048
+  c.drafter.draft_vocab_size = 32000  # EAGLE-3's reduced draft vocabulary
+  c.drafter.dtype = "bfloat16"
+  c.drafter.param_dtype = "float32"
+  c.baseline.steps, c.baseline.batch_size = 20000, 16
+  c.baseline.optim = _optim(1e-4, 500, 20000)
+  c.ppow.steps, c.ppow.batch_size = 4000, 16
+  c.ppow.gamma = -1  # measure on the hardware at hand
+  c.ppow.optim = _optim(5e-6, 100, 4000)  # GTO's learning rate
+  c.continued.optim = _optim(5e-6, 100, 4000)
+  c.eval.window, c.eval.max_new_tokens, c.eval.batch_sizes = 7, 512, (1, 8)
+  c.eval.num_prompts = 80  # e.g. MT-Bench / HumanEval / GSM8K question files
+  c.eval.prompt_len = 1024
+  c.train.batch_size, c.train.seq_len = 16, 2048
+  c.decode.window, c.decode.max_new_tokens = 10, 512
+  c.sharding.drafter_params = "fsdp"
+  c.mesh.ici_shape = (-1, 1, tensor)
+  c.checkpoint.save_every = 500
+  c.log_every = 20
+  if variant == "gpu_8xh100":
+    c.mesh.ici_shape = (8 // tensor, 1, tensor)  # per node, over NVLink
+    c.mesh.dcn_shape = (-1, 1, 1)  # nodes: data-parallel
+  elif variant == "runlocal":
+    c.target.preset = "tiny"
+    c.target.dtype = c.target.param_dtype = "float32"
+    c.drafter.dtype = "float32"
+    c.drafter.draft_vocab_size = 128
+    c.mesh.ici_shape = (-1, 1, 1)
+    c.train.batch_size, c.train.seq_len = 8, 64
+    c.ppow.group_size = c.ppow.window = c.decode.window = 4
+    c.decode.max_new_tokens = 16
+  return c
+
+
+def check_runnable(c) -> None:
+  """Checks that need the user's paths (a shipped real-run config fails here until set)."""
+  if c.target.preset and not c.target.hf_dir and "target" not in stages(c):
+    raise UserError(f"config.target.hf_dir: set it to the local Hugging Face directory of "
+                    f"{c.target.preset} (nothing is downloaded)")
+  if not (c.data.corpus or c.data.conversations or c.data.tfds_name):
+    raise UserError("config.data: set one of corpus, conversations (JSONL) or tfds_name")

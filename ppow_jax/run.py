@@ -30,6 +30,7 @@ def _measure_gamma(c, target_cfg, target_params, drafter, params) -> float:
 def run(c, workdir: str) -> str:
   """Runs the configured stages into ``workdir``; returns the report path (or workdir)."""
   config_lib.validate(c)
+  config_lib.check_runnable(c)
   stages = config_lib.stages(c)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

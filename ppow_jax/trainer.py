@@ -96,7 +96,6 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
     m = _scalars(metrics)
     loss = m.get("loss", 0.0)
     if not np.isfinite(loss):
-      ckpt.close()
       raise NonFiniteError(
           f"[{name}] loss is {loss} at step {step_no}; stopped. Last good checkpoint: step "
           f"{ckpt.latest_step()} in {ckpt_dir}")
@@ -116,21 +115,23 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
     if force_save or step_no % cfg.save_every == 0 or step_no == cfg.num_steps:
       ckpt.save(step_no, new_state, data_state, force=True)
 
+  # ``finally`` waits for an in-flight async save even when the loop dies (Ctrl-C, errors)
   with _Preemption() as preempt:
-    for step_no in range(start + 1, cfg.num_steps + 1):
-      batch = next(data)
-      data_state = data.get_state()
-      state, metrics = step_fn(state, *step_args, batch)
-      if pending is not None:
-        finish(pending, False)
-      pending = (step_no, metrics, data_state, state)
-      if preempt.requested:
-        finish(pending, True)
-        ckpt.close()
-        logging.warning("[%s] SIGTERM: saved step %d, exiting", name, step_no)
-        print(f"[{name}] interrupted: saved step {step_no}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
-        sys.exit(143)
-    finish(pending, False)
-  ckpt.close()
+    try:
+      for step_no in range(start + 1, cfg.num_steps + 1):
+        batch = next(data)
+        data_state = data.get_state()
+        state, metrics = step_fn(state, *step_args, batch)
+        if pending is not None:
+          finish(pending, False)
+        pending = (step_no, metrics, data_state, state)
+        if preempt.requested:
+          finish(pending, True)
+          logging.warning("[%s] SIGTERM: saved step %d, exiting", name, step_no)
+          print(f"[{name}] interrupted: saved step {step_no}; rerun the same command to resume",
+                file=sys.stderr, flush=True)
+          raise SystemExit(143)
+      finish(pending, False)
+    finally:
+      ckpt.close()
   return state

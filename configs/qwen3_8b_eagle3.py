@@ -1,0 +1,27 @@
+r"""PPOW for an EAGLE-3 drafter of Qwen3-8B (target weights and data from local paths).
+
+Run (one host; on a pod or cluster use launch/tpu_pod.sh or launch/gpu_slurm.sbatch):
+
+  python -m ppow_jax.main --config=configs/qwen3_8b_eagle3.py:tpu_v5p \
+      --config.target.hf_dir=/models/qwen3-8b \
+      --config.data.conversations=/data/sharegpt.jsonl \
+      --config.eval.prompts_file=/data/mt_bench.jsonl \
+      --workdir=gs://BUCKET/ppow/qwen3_8b_eagle3
+
+Start from a published EAGLE-3 checkpoint with --config.drafter.init_from=/models/eagle3 and
+--config.stages=ppow,continued,eval (the baseline stage is then that checkpoint).
+
+Variants (after the colon):
+  tpu_v5p     (default) v5p-8 = 4 chips x 95 GiB: tensor-parallel 4 (8 KV heads).
+  gpu_8xh100  nodes of 8 x H100 80 GiB: tensor 4 x data 2 per node.
+  runlocal    the "tiny" preset on whatever this machine has (smoke test).
+
+Memory per device (see docs/scale_out.md):
+  python -m ppow_jax.tools.memory_plan --config=configs/qwen3_8b_eagle3.py:tpu_v5p --num_devices=4
+"""
+
+from ppow_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.real_run_config("qwen3-8b", arg or "tpu_v5p", tensor=4)
