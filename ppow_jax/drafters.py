@@ -94,9 +94,9 @@ class LMDrafter:
     return DraftState(llama.init_cache(self.cfg, batch, max_length))
 
   def prefill(self, params, target_params, state: DraftState, prompts_BxP: Array,
-              prompt_len_B: Array, first_token_B: Array, hidden: tuple) -> DraftState:
+              prompt_len_B: Array, hidden: tuple) -> DraftState:
     """Write the prompts into the drafter's cache (the first draft re-feeds the last two)."""
-    del target_params, prompt_len_B, first_token_B, hidden
+    del target_params, prompt_len_B, hidden
     out = self.model.apply({"params": params}, prompts_BxP, cache=state.cache,
                            return_logits=False, method=llama.Decoder.forward)
     return state.replace(cache=out.cache)
@@ -113,9 +113,14 @@ class LMDrafter:
     """K draft tokens after the n committed ones, their target-vocab logits, the new state."""
     del target_params
     model = self.model
-    last2_BxT = jnp.take_along_axis(buffer_BxN, n_B[:, None] - 2 + jnp.arange(2)[None], 1)
-    cache = state.cache.replace(lengths_B=n_B - 2)
-    out = model.apply({"params": params}, last2_BxT, cache=cache, method=llama.Decoder.forward)
+    # feed tokens n-2, n-1; a one-token prompt (n=1) feeds token 0 and a junk slot 1 that the
+    # first draft token overwrites
+    start_B = jnp.maximum(n_B - 2, 0)
+    last2_BxT = jnp.take_along_axis(buffer_BxN, start_B[:, None] + jnp.arange(2)[None], 1)
+    out = model.apply({"params": params}, last2_BxT, cache=state.cache.replace(lengths_B=start_B),
+                      method=llama.Decoder.forward)
+    last_BxV = _gather_rows(out.logits_BxTxV, n_B - 1 - start_B)
+    cache = out.cache.replace(lengths_B=n_B)
 
     def step(cache, tok_B):
       o = model.apply({"params": params}, tok_B[:, None], cache=cache,
@@ -123,7 +128,7 @@ class LMDrafter:
       return o.cache, o.logits_BxTxV[:, -1]
 
     tokens_BxK, logits_BxKxV, cache = _draft_chain(
-        out.logits_BxTxV[:, -1], step, out.cache, rng, window, temperature, top_p, forced_BxK)
+        last_BxV, step, cache, rng, window, temperature, top_p, forced_BxK)
     return tokens_BxK, logits_BxKxV, state.replace(cache=cache)
 
 
@@ -156,14 +161,15 @@ class Eagle3FeatureDrafter:
     return params["vocab"].target_logits(logits_Vd, self.cfg.vocab_size)
 
   def prefill(self, params, target_params, state: DraftState, prompts_BxP: Array,
-              prompt_len_B: Array, first_token_B: Array, hidden: tuple) -> DraftState:
-    """Entries 0..P-1: feature j with token j+1 (the last one is the target's first token)."""
-    t = prompts_BxP.shape[1]
+              prompt_len_B: Array, hidden: tuple) -> DraftState:
+    """Entries 0..P-2: feature j with token j+1; the last proposes the first draft token.
+
+    (A one-token prompt has no entry: its first window is drafted from junk, which costs
+    acceptance, never correctness.)
+    """
     next_BxP = jnp.concatenate([prompts_BxP[:, 1:], prompts_BxP[:, :1]], axis=1)
-    at_last_BxP = jnp.arange(t)[None, :] == (prompt_len_B - 1)[:, None]
-    next_BxP = jnp.where(at_last_BxP, first_token_B[:, None], next_BxP)
     return self.sync(params, target_params, state, next_BxP, jnp.zeros_like(prompt_len_B),
-                     prompt_len_B, hidden)
+                     prompt_len_B - 1, hidden)
 
   def sync(self, params, target_params, state: DraftState, tokens_BxC: Array, start_B: Array,
            count_B: Array, hidden: tuple) -> DraftState:

@@ -6,8 +6,9 @@ own amounts without a host round-trip. A row stops at EOS or at ``max_new_tokens
 (``lax.while_loop``) ends when every row has stopped.
 
 Accounting (PROTOCOL.md): a verification round commits ``a + 1`` tokens (fewer only when EOS
-or the token budget cuts it). τ = Σ committed / Σ verification rounds. The token produced by
-the prompt pass is not part of any round and is counted in neither sum.
+or the token budget cuts it). τ = Σ committed / Σ verification rounds. The prompt pass only
+fills the cache (its last token stays pending), so every new token, the first included, comes
+from a counted verification round.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class DecodeConfig:
   window: int = 4  # K: tokens drafted per verification.
   temperature: float = 0.0  # 0: greedy; > 0: lossless rejection sampling.
   top_p: float = 1.0  # nucleus filtering applied to both p and q (1.0: off).
-  max_new_tokens: int = 64  # per row, including the token of the prompt pass.
+  max_new_tokens: int = 64  # new tokens per row.
   eos_ids: tuple = ()  # stop a row after any of these tokens (empty: never).
 
   def __post_init__(self):
@@ -138,21 +139,19 @@ def _keep_count(committed_BxC: Array, count_B: Array, n_B: Array, prompt_len_B: 
 
 
 def _prefill(target: llama.Decoder, target_params, prompts_BxP: Array, prompt_len_B: Array,
-             cache_len: int, hidden_layers: tuple, rng: Array, cfg: DecodeConfig):
+             cache_len: int, hidden_layers: tuple):
+  """Cache the prompts; the last prompt token stays pending, as in every later round.
+
+  So the first verification covers [last prompt token, d_1..d_K], exactly like Hugging Face's
+  assisted generation, and every new token comes from a counted target call.
+  """
   b, p = prompts_BxP.shape
   cache = llama.init_cache(target.cfg, b, cache_len)
   out = target.apply({"params": target_params}, prompts_BxP, cache=cache,
-                     hidden_layers=hidden_layers, method=llama.Decoder.forward)
-  last_logits_BxV = _gather_rows(out.logits_BxTxV, prompt_len_B - 1)
-  probs_BxV = sampling.probs_from_logits(last_logits_BxV, cfg.temperature, cfg.top_p)
-  first_B = sampling.sample(rng, probs_BxV).astype(jnp.int32)
+                     hidden_layers=hidden_layers, return_logits=False,
+                     method=llama.Decoder.forward)
   buffer_BxN = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(prompts_BxP)
-  buffer_BxN = buffer_BxN.at[jnp.arange(b), prompt_len_B].set(first_B)
-  n_B = prompt_len_B + 1
-  keep_B, done_B = _keep_count(first_B[:, None], jnp.ones_like(n_B), prompt_len_B, prompt_len_B,
-                               cfg)
-  del keep_B
-  return buffer_BxN, n_B, done_B, out.cache.replace(lengths_B=prompt_len_B), out, first_B
+  return buffer_BxN, out.cache.replace(lengths_B=prompt_len_B - 1), out.hidden_states
 
 
 def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B: Array,
@@ -183,13 +182,11 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
   target = llama.Decoder(target_cfg)
   k = cfg.window
   b = prompts_BxP.shape[0]
-  rng, key = jax.random.split(rng)
-  buffer_BxN, n_B, done_B, tcache, out, first_B = _prefill(
-      target, target_params, prompts_BxP, prompt_len_B, cache_len,
-      drafter.target_hidden_layers, key, cfg)
+  buffer_BxN, tcache, hidden = _prefill(target, target_params, prompts_BxP, prompt_len_B,
+                                        cache_len, drafter.target_hidden_layers)
   dstate = drafter.init_state(b, cache_len)
   dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
-                           first_B, out.hidden_states)
+                           hidden)
 
   def body(s: _LoopState) -> _LoopState:
     rng, k_draft, k_acc = jax.random.split(s.rng, 3)
@@ -229,7 +226,8 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
             jnp.where(active_B, acceptance.analytic_tau(res.alpha_BxK), 0.0)))
     return _LoopState(buffer_BxN, n_B, s.done_B | finished_B, tcache, dstate, rng, stats)
 
-  init = _LoopState(buffer_BxN, n_B, done_B, tcache, dstate, rng, Stats.zeros(b, k))
+  done_B = jnp.zeros((b,), bool)
+  init = _LoopState(buffer_BxN, prompt_len_B, done_B, tcache, dstate, rng, Stats.zeros(b, k))
   final = jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, init)
   return GenerateOutput(final.buffer_BxN, prompt_len_B, final.n_B, final.stats)
 
@@ -239,9 +237,8 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
                     rng: Array) -> GenerateOutput:
   target = llama.Decoder(target_cfg)
   b = prompts_BxP.shape[0]
-  rng, key = jax.random.split(rng)
-  buffer_BxN, n_B, done_B, tcache, _, _ = _prefill(
-      target, target_params, prompts_BxP, prompt_len_B, cache_len, (), key, cfg)
+  buffer_BxN, tcache, _ = _prefill(target, target_params, prompts_BxP, prompt_len_B,
+                                   cache_len, ())
 
   def body(s: _LoopState) -> _LoopState:
     rng, key = jax.random.split(s.rng)
@@ -263,7 +260,8 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
     return _LoopState(buffer_BxN, n_B, s.done_B | finished_B,
                       out.cache.replace(lengths_B=n_B - 1), None, rng, stats)
 
-  init = _LoopState(buffer_BxN, n_B, done_B, tcache, None, rng, Stats.zeros(b, 1))
+  init = _LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), tcache, None, rng,
+                    Stats.zeros(b, 1))
   final = jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, init)
   return GenerateOutput(final.buffer_BxN, prompt_len_B, final.n_B, final.stats)
 

@@ -1,0 +1,231 @@
+"""Running the train steps and generation on the device mesh: one object the stages hold.
+
+``Parallel`` bundles the mesh with the weight and activation rules of ``config.sharding``
+(``ppow_jax/sharding.py`` does the rule arithmetic) and offers the few calls a stage needs:
+
+* ``place_target`` / ``place_train_state`` / ``place_batch`` / ``place_replicated`` put host
+  values on the mesh. Placement is the single source of truth for shardings: the jitted step
+  reads its ``in_shardings`` off the placed arguments, so what is placed is what is compiled.
+* ``jit_train_step`` jits a ``train_step`` step (pjit: explicit in/out shardings, the state
+  donated) and runs it under the activation rules, so the models'
+  ``nn.with_logical_constraint`` calls shard activations the same way as the weights.
+* ``generate`` runs the engine's own jitted decode on sharded prompts under the same rules and
+  lets GSPMD propagate shardings through the loop (prefill, draft, verify, caches).
+
+Sharded and single-device runs compute the same values (up to float reduction order):
+random numbers do not depend on the sharding (``jax_threefry_partitionable``, on by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ppow_jax import config_lib, sharding, train_step
+from ppow_jax.drafters import Drafter
+from ppow_jax.engine import Engine, GenerateOutput
+from ppow_jax.errors import UserError
+from ppow_jax.models import eagle3, llama
+
+
+@functools.lru_cache(maxsize=1)
+def model_param_names() -> frozenset:
+  """Every logical axis name a parameter of any model here can carry (target, LM drafter,
+  EAGLE-3; with the optional q/k norms and qkv biases), from tiny abstract models: rules are
+  validated against the models themselves, so a rule for a renamed axis fails loudly."""
+  t = llama.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                        num_heads=2, num_kv_heads=1, qkv_bias=True, qk_norm=True)
+  e = eagle3.Eagle3Config.from_target(t, draft_vocab_size=8)
+  return frozenset(sharding.logical_names(sharding.abstract_params(t))
+                   | sharding.logical_names(sharding.abstract_params(e)))
+
+
+def _shardings_of(tree: Any, what: str) -> Any:
+  """The ``.sharding`` of every leaf (placed ``jax.Array`` s or sharded ``ShapeDtypeStruct`` s)."""
+  def get(x):
+    s = getattr(x, "sharding", None)
+    if s is None:
+      raise UserError(f"jit_train_step: a leaf of {what} ({type(x).__name__}) has no sharding; "
+                      f"place it first (Parallel.place_*)")
+    return s
+  return jax.tree_util.tree_map(get, tree)
+
+
+def _mirror_params(opt_state: Any, params: Any, param_shardings: Any, other: NamedSharding
+                   ) -> Any:
+  """Shardings for an optax state: every subtree shaped exactly like the params (Adam's mu
+  and nu, ...) gets the params' shardings; everything else (step counts, empty states) is
+  replicated. Works on concrete and abstract (``eval_shape``) states alike."""
+  p_def = jax.tree_util.tree_structure(params)
+  p_shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(params)]
+
+  def mirrors(x) -> bool:
+    if jax.tree_util.tree_structure(x) != p_def:
+      return False
+    return [np.shape(y) for y in jax.tree_util.tree_leaves(x)] == p_shapes
+
+  return jax.tree_util.tree_map(lambda x: param_shardings if mirrors(x) else other, opt_state,
+                                is_leaf=mirrors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """The mesh and rules of one run; see the module docstring."""
+  mesh: Mesh
+  weight_rules: sharding.Rules
+  activation_rules: sharding.Rules
+  drafter_params: str = "replicated"  # "fsdp": drafter follows the weight rules
+
+  @classmethod
+  def from_config(cls, config, devices: Optional[Sequence[Any]] = None) -> "Parallel":
+    """From ``config.mesh`` and ``config.sharding`` (rules validated: errors name the rule)."""
+    weight, act = sharding.rules_from_config(config, sorted(model_param_names()))
+    return cls(sharding.make_mesh(config.mesh, devices), weight, act,
+               config.sharding.drafter_params)
+
+  @classmethod
+  def single_device(cls, config=None, device: Optional[Any] = None) -> "Parallel":
+    """A 1x1x1 mesh on one device with ``config``'s (default: the base config's) rules: the
+    same code path as a real mesh, every array whole on one device (tests, references)."""
+    config = config_lib.base_config() if config is None else config.copy_and_resolve_references()
+    config.mesh.ici_shape = config.mesh.dcn_shape = (1,) * len(config.mesh.axes)
+    return cls.from_config(config, [device or jax.devices()[0]])
+
+  # ---- Shardings -----------------------------------------------------------------------------
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    """Rows split over the ``batch`` rule's axes, other dims whole (any rank >= 1)."""
+    return NamedSharding(self.mesh, sharding.batch_spec(self.activation_rules, 1))
+
+  @property
+  def batch_shards(self) -> int:
+    """Devices a batch's rows are split over: global batch sizes must be multiples of it."""
+    entry = tuple(self.batch_sharding.spec)[0] if tuple(self.batch_sharding.spec) else None
+    return sharding.num_shards(entry, dict(self.mesh.shape))
+
+  def activation_context(self):
+    """Inside, ``nn.with_logical_constraint`` shards activations on this mesh."""
+    return sharding.activation_context(self.mesh, self.activation_rules)
+
+  def target_shardings(self, target_cfg: llama.ModelConfig) -> Any:
+    """NamedShardings of the frozen target by the weight rules (UserError if a dim does not
+    divide)."""
+    _, shardings = sharding.target_shardings(target_cfg, self.mesh, self.weight_rules)
+    self._check_divisible(target_cfg, shardings, "target parameter")
+    return shardings
+
+  def trainable_shardings(self, drafter: Drafter) -> Any:
+    """NamedShardings of the drafter's trainable params (``train_step.split_params``'s first
+    half: EAGLE-3's network, or the whole LM drafter)."""
+    _, shardings = sharding.drafter_shardings(drafter.cfg, self.mesh, self.weight_rules,
+                                              self.drafter_params)
+    self._check_divisible(drafter.cfg, shardings, "drafter parameter")
+    return shardings
+
+  def train_state_shardings(self, drafter: Drafter, state: train_step.TrainState
+                            ) -> train_step.TrainState:
+    """A TrainState of NamedShardings for ``state`` (concrete or abstract, e.g. for a
+    checkpoint restore): params per ``drafter_params``, the optimizer state mirroring them,
+    step and rng replicated."""
+    params = self.trainable_shardings(drafter)
+    opt = _mirror_params(state.opt_state, state.params, params, self.replicated)
+    return state.replace(step=self.replicated, params=params, opt_state=opt,
+                         rng=self.replicated)
+
+  def _check_divisible(self, model_cfg, shardings: Any, what: str) -> None:
+    specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
+    sharding.check_divisible(sharding.abstract_params(model_cfg), specs, dict(self.mesh.shape),
+                             what)
+
+  # ---- Placement -----------------------------------------------------------------------------
+
+  def place_target(self, target_cfg: llama.ModelConfig, params: Any) -> Any:
+    """The frozen target sharded by the weight rules (no optimizer state: it is not trained)."""
+    return sharding.shard_params(params, self.target_shardings(target_cfg))
+
+  def place_train_state(self, drafter: Drafter, state: train_step.TrainState
+                        ) -> train_step.TrainState:
+    """Drafter params and optimizer state FSDP-sharded or replicated (``drafter_params``)."""
+    return jax.device_put(state, self.train_state_shardings(drafter, state))
+
+  def place_replicated(self, tree: Any) -> Any:
+    """Small constants (EAGLE-3's vocab maps, rng keys) whole on every device."""
+    return jax.device_put(tree, self.replicated)
+
+  def place_batch(self, host_local_batch: Any) -> Any:
+    """Global arrays from this host's rows (all rows on one host), split over the batch axes.
+
+    Each host passes its own rows (``datasets`` reads them); the global batch is their
+    concatenation in process order, as ``jax.make_array_from_process_local_data`` builds it.
+    """
+    def check(x):
+      rows = np.shape(x)[0] * jax.process_count()
+      if rows % self.batch_shards:
+        raise UserError(f"global batch of {rows} rows does not divide over the "
+                        f"{self.batch_shards} devices of the batch axes "
+                        f"{tuple(self.batch_sharding.spec)[0]}; use a multiple of "
+                        f"{self.batch_shards}")
+    jax.tree_util.tree_map(check, host_local_batch)
+    return sharding.global_batch(host_local_batch, self.mesh, self.batch_sharding.spec)
+
+  # ---- Compiled calls ------------------------------------------------------------------------
+
+  def jit_train_step(self, step_fn: Callable, state: train_step.TrainState, target_params: Any,
+                     constants: Any, batch: Any) -> Callable:
+    """``step_fn`` (``train_step.make_*_step``) jitted on the mesh.
+
+    ``state``, ``target_params`` and ``constants`` are the placed values (or sharded abstract
+    ones): their shardings become the ``in_shardings``, and the state keeps its shardings on
+    the way out so that step n's output feeds step n+1 without a reshard; the state is donated
+    (params and optimizer state are updated in place). ``batch`` only gives the structure:
+    every leaf is split over the batch axes. Metrics come back replicated, so any host can
+    read them. The returned function places host (numpy) batches itself, so it drops into
+    ``trainer.run`` unchanged; it traces under the activation rules.
+    """
+    state_sh = _shardings_of(state, "state")
+    in_sh = (state_sh, _shardings_of(target_params, "target_params"),
+             _shardings_of(constants, "constants"),
+             jax.tree_util.tree_map(lambda _: self.batch_sharding, batch))
+    jitted = jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, self.replicated),
+                     donate_argnums=0)
+
+    def step(state, target_params, constants, batch):
+      if not all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(batch)):
+        batch = self.place_batch(batch)
+      with self.activation_context():  # the rules are read while tracing
+        return jitted(state, target_params, constants, batch)
+
+    step.jitted = jitted  # for .lower(...) / cost analysis
+    return step
+
+  def generate(self, engine: Engine, target_params: Any, draft_params: Any, prompts_BxP: Any,
+               prompt_len_B: Any, rng: jax.Array) -> GenerateOutput:
+    """``engine.generate`` on the mesh: prompts split over the batch axes (the batch must
+    divide), params as placed, the rng replicated.
+
+    The engine's jitted decode is traced under the activation rules with sharded inputs, so
+    GSPMD propagates the rows' split through prefill, draft, verify and the KV caches. The
+    output is gathered to every device (a tiny [B, N] buffer and stats) so that
+    ``new_tokens()`` works on any host.
+    """
+    placed = self.place_batch({"prompts": np.asarray(prompts_BxP, np.int32),
+                               "lens": np.asarray(prompt_len_B, np.int32)})
+    with self.activation_context():
+      out = engine.generate(target_params, draft_params, placed["prompts"], placed["lens"],
+                            self.place_replicated(rng))
+    return _gather(out, self.replicated)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _gather(tree: Any, replicated: NamedSharding) -> Any:
+  return jax.lax.with_sharding_constraint(tree, replicated)

@@ -1,0 +1,102 @@
+"""The decoder: KV-cache path = full forward (ragged rows, chunks of 1 and K+1), masks, dtypes."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppow_jax.models import llama
+
+CFG = llama.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3,
+                        num_heads=4, num_kv_heads=2, rope_theta=5e5, initializer_range=0.3,
+                        qk_norm=True, qkv_bias=True, max_position_embeddings=64)
+
+
+def _forward(cfg):
+  model = llama.Decoder(cfg)
+
+  @jax.jit
+  def fwd(params, tokens, cache):
+    return model.apply({"params": params}, tokens, cache=cache, method=llama.Decoder.forward)
+
+  return fwd
+
+
+class CacheTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.params = llama.init_params(CFG, jax.random.PRNGKey(0))
+    cls.tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 0, CFG.vocab_size)
+    cls.full = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(
+        cls.params, cls.tokens)
+
+  def test_prefix_then_chunks_of_1_and_k_plus_1_with_ragged_rows(self):
+    fwd = _forward(CFG)
+    cache = llama.init_cache(CFG, 2, 32)
+    out = fwd(self.params, self.tokens[:, :6], cache)
+    np.testing.assert_allclose(out.logits_BxTxV, self.full[:, :6], atol=1e-5)
+    # Row 0 keeps 6 tokens, row 1 rolls back to 3: different lengths in one batch.
+    cache = out.cache.replace(lengths_B=jnp.array([6, 3]))
+    pos = np.array([6, 3])
+    for chunk in (1, 5, 1, 5):  # 1 = AR step, 5 = a verification of K+1 = 5 tokens
+      new = jnp.stack([self.tokens[b, pos[b]:pos[b] + chunk] for b in range(2)])
+      out = fwd(self.params, new, cache)
+      for b in range(2):
+        np.testing.assert_allclose(out.logits_BxTxV[b], self.full[b, pos[b]:pos[b] + chunk],
+                                   atol=1e-5, err_msg=f"row {b} chunk {chunk} at {pos[b]}")
+      cache = out.cache
+      pos += chunk
+      np.testing.assert_array_equal(cache.lengths_B, pos)
+
+  def test_stale_entries_after_rollback_are_ignored(self):
+    fwd = _forward(CFG)
+    cache = llama.init_cache(CFG, 2, 32)
+    junk = (self.tokens[:, :10] + 7) % CFG.vocab_size
+    out = fwd(self.params, jnp.concatenate([self.tokens[:, :4], junk[:, 4:]], 1), cache)
+    cache = out.cache.replace(lengths_B=jnp.array([4, 4]))  # reject the junk
+    out = fwd(self.params, self.tokens[:, 4:9], cache)
+    np.testing.assert_allclose(out.logits_BxTxV, self.full[:, 4:9], atol=1e-5)
+
+  def test_hidden_states_and_explicit_mask(self):
+    model = llama.Decoder(CFG)
+    out = model.apply({"params": self.params}, self.tokens, hidden_layers=(0, 2, 3),
+                      method=llama.Decoder.forward)
+    self.assertLen(out.hidden_states, 3)
+    emb = model.apply({"params": self.params}, self.tokens, method=llama.Decoder.embed)
+    np.testing.assert_allclose(out.hidden_states[0], emb, atol=1e-6)
+    causal = jnp.tril(jnp.ones((20, 20), bool))[None].repeat(2, 0)
+    masked = model.apply({"params": self.params}, self.tokens, attn_mask_BxTxS=causal,
+                         method=llama.Decoder.forward)
+    np.testing.assert_allclose(masked.logits_BxTxV, self.full, atol=1e-5)
+    self.assertEqual(CFG.eagle3_layers(), (2, 1, 0))
+    with self.assertRaisesRegex(ValueError, "hidden layer index 9"):
+      model.apply({"params": self.params}, self.tokens, hidden_layers=(9,),
+                  method=llama.Decoder.forward)
+
+  def test_bfloat16_compute_stays_close(self):
+    cfg = llama.ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16", "param_dtype": "bfloat16"})
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), self.params)
+    logits = jax.jit(lambda p, t: llama.Decoder(cfg).apply({"params": p}, t))(params,
+                                                                             self.tokens)
+    self.assertEqual(logits.dtype, jnp.float32)
+    self.assertLess(float(jnp.max(jnp.abs(logits - self.full))), 0.25)
+    agree = np.mean(np.argmax(logits, -1) == np.argmax(self.full, -1))
+    self.assertGreater(agree, 0.9)
+
+  def test_config_errors_name_the_field(self):
+    with self.assertRaisesRegex(ValueError, "num_heads=6 is not a multiple of num_kv_heads=4"):
+      llama.ModelConfig(vocab_size=5, hidden_size=12, intermediate_size=8, num_layers=1,
+                        num_heads=6, num_kv_heads=4)
+    with self.assertRaisesRegex(ValueError, "unknown dtype 'float8'"):
+      llama.ModelConfig(vocab_size=5, hidden_size=8, intermediate_size=8, num_layers=1,
+                        num_heads=2, num_kv_heads=1, dtype="float8")
+
+
+if __name__ == "__main__":
+  absltest.main()
