@@ -20,6 +20,7 @@ import numpy as np
 
 from ppow_jax import config_lib, datasets, drafters, train_step, trainer
 from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
 from ppow_jax.models import eagle3, hf, llama
 
@@ -32,7 +33,7 @@ def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
       ecfg, net, vocab = eagle3.load_eagle3(d.init_from, param_dtype=d.param_dtype,
                                             dtype=d.dtype)
       if ecfg.vocab_size != target_cfg.vocab_size:
-        raise datasets.UserError(f"config.drafter.init_from {d.init_from}: vocab_size "
+        raise UserError(f"config.drafter.init_from {d.init_from}: vocab_size "
                                  f"{ecfg.vocab_size} != target's {target_cfg.vocab_size}")
       return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net,
                                                                       "vocab": vocab}

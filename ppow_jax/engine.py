@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax import acceptance, sampling
-from ppow_jax.drafters import Drafter, DraftState
+from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
 

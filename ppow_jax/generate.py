@@ -15,11 +15,9 @@ import json
 import os
 import sys
 import time
-from typing import Optional
 
 from absl import app, flags
 import jax
-import numpy as np
 
 from ppow_jax import drafters, engine
 from ppow_jax.errors import UserError

@@ -80,6 +80,9 @@ class Parallel:
   weight_rules: sharding.Rules
   activation_rules: sharding.Rules
   drafter_params: str = "replicated"  # "fsdp": drafter follows the weight rules
+  # XLA options for the compiled train steps, e.g. {"xla_backend_optimization_level": 0}
+  # (tests: CPU compiles several times faster). Not part of the config: a code-level switch.
+  compiler_options: Optional[dict] = dataclasses.field(default=None, hash=False)
 
   @classmethod
   def from_config(cls, config, devices: Optional[Sequence[Any]] = None) -> "Parallel":
@@ -110,27 +113,21 @@ class Parallel:
   @property
   def batch_shards(self) -> int:
     """Devices a batch's rows are split over: global batch sizes must be multiples of it."""
-    entry = tuple(self.batch_sharding.spec)[0] if tuple(self.batch_sharding.spec) else None
-    return sharding.num_shards(entry, dict(self.mesh.shape))
+    return sharding.num_shards(self.batch_sharding.spec[0], dict(self.mesh.shape))
 
   def activation_context(self):
     """Inside, ``nn.with_logical_constraint`` shards activations on this mesh."""
     return sharding.activation_context(self.mesh, self.activation_rules)
 
   def target_shardings(self, target_cfg: llama.ModelConfig) -> Any:
-    """NamedShardings of the frozen target by the weight rules (UserError if a dim does not
-    divide)."""
-    _, shardings = sharding.target_shardings(target_cfg, self.mesh, self.weight_rules)
-    self._check_divisible(target_cfg, shardings, "target parameter")
-    return shardings
+    """NamedShardings of the frozen target by the weight rules."""
+    return self._param_shardings(target_cfg, self.weight_rules, "target parameter")
 
   def trainable_shardings(self, drafter: Drafter) -> Any:
     """NamedShardings of the drafter's trainable params (``train_step.split_params``'s first
     half: EAGLE-3's network, or the whole LM drafter)."""
-    _, shardings = sharding.drafter_shardings(drafter.cfg, self.mesh, self.weight_rules,
-                                              self.drafter_params)
-    self._check_divisible(drafter.cfg, shardings, "drafter parameter")
-    return shardings
+    rules = self.weight_rules if self.drafter_params == "fsdp" else None
+    return self._param_shardings(drafter.cfg, rules, "drafter parameter")
 
   def train_state_shardings(self, drafter: Drafter, state: train_step.TrainState
                             ) -> train_step.TrainState:
@@ -142,10 +139,13 @@ class Parallel:
     return state.replace(step=self.replicated, params=params, opt_state=opt,
                          rng=self.replicated)
 
-  def _check_divisible(self, model_cfg, shardings: Any, what: str) -> None:
-    specs = jax.tree_util.tree_map(lambda s: s.spec, shardings)
-    sharding.check_divisible(sharding.abstract_params(model_cfg), specs, dict(self.mesh.shape),
-                             what)
+  def _param_shardings(self, model_cfg, rules: Optional[sharding.Rules], what: str) -> Any:
+    """From the model's abstract params (nothing allocated); ``rules=None``: replicated.
+    A dim that does not divide over its mesh axes is a UserError naming the parameter."""
+    boxed = sharding.abstract_params(model_cfg)
+    specs = sharding.mesh_specs(boxed, rules)
+    sharding.check_divisible(boxed, specs, dict(self.mesh.shape), what)
+    return sharding.to_named(specs, self.mesh)
 
   # ---- Placement -----------------------------------------------------------------------------
 
@@ -181,15 +181,16 @@ class Parallel:
   # ---- Compiled calls ------------------------------------------------------------------------
 
   def jit_train_step(self, step_fn: Callable, state: train_step.TrainState, target_params: Any,
-                     constants: Any, batch: Any) -> Callable:
+                     constants: Any, batch: Any, *, donate: bool = True) -> Callable:
     """``step_fn`` (``train_step.make_*_step``) jitted on the mesh.
 
     ``state``, ``target_params`` and ``constants`` are the placed values (or sharded abstract
     ones): their shardings become the ``in_shardings``, and the state keeps its shardings on
-    the way out so that step n's output feeds step n+1 without a reshard; the state is donated
-    (params and optimizer state are updated in place). ``batch`` only gives the structure:
-    every leaf is split over the batch axes. Metrics come back replicated, so any host can
-    read them. The returned function places host (numpy) batches itself, so it drops into
+    the way out so that step n's output feeds step n+1 without a reshard. The state is donated
+    (params and optimizer state are updated in place, no second copy): the caller must not
+    touch a state after passing it in (``donate=False`` keeps it). ``batch`` only gives the
+    structure: every leaf is split over the batch axes. Metrics come back replicated, so any
+    host can read them. The returned function places host (numpy) batches itself, so it drops into
     ``trainer.run`` unchanged; it traces under the activation rules.
     """
     state_sh = _shardings_of(state, "state")
@@ -197,7 +198,8 @@ class Parallel:
              _shardings_of(constants, "constants"),
              jax.tree_util.tree_map(lambda _: self.batch_sharding, batch))
     jitted = jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, self.replicated),
-                     donate_argnums=0)
+                     donate_argnums=(0,) if donate else (),
+                     compiler_options=self.compiler_options)
 
     def step(state, target_params, constants, batch):
       if not all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(batch)):

@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ppow_jax import acceptance
 from ppow_jax.divergences import LOG_FLOOR
 from ppow_jax.errors import UserError
 
@@ -59,7 +60,7 @@ def proximity_reward(alpha_NxK: Array, valid_NxK: Optional[Array] = None) -> Arr
   alpha_NxK = jnp.clip(alpha_NxK, 0.0, 1.0)
   if valid_NxK is not None:
     alpha_NxK = jnp.where(valid_NxK, alpha_NxK, 0.0)
-  return jnp.sum(jnp.cumprod(alpha_NxK, axis=-1), axis=-1)
+  return acceptance.expected_accepted(alpha_NxK)
 
 
 def greedy_log_prob_gap(logp_NxKxV: Array, sampled_NxK: Array,

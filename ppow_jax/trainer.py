@@ -15,10 +15,9 @@ import dataclasses
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
-import jax
 import numpy as np
 
 from ppow_jax.checkpoint import Checkpointer
