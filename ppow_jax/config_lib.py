@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.axes = ("data", "fsdp", "tensor")  # mesh axis names
   c.mesh.ici_shape = (-1, 1, 1)  # within a slice; one -1 = the remaining devices
   c.mesh.dcn_shape = (1, 1, 1)  # across slices
+  c.mesh.num_devices = -1  # devices the mesh uses (-1 = all; the CPU smoke test uses 1)
   c.sharding = ml_collections.ConfigDict()
   c.sharding.weight_rules = (("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
                              ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import config_lib, datasets, drafters, train_step, trainer
+from ppow_jax import config_lib, datasets, drafters, parallel, train_step, trainer
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
@@ -92,8 +92,9 @@ def load_exported(out_dir: str, target_cfg: llama.ModelConfig):
 
 
 def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_params,
-              drafter, init_params, data: datasets.Data, gamma: float) -> tuple[Any, dict]:
-  """Train one drafter stage (resuming if checkpoints exist) and export it."""
+              drafter, init_params, data: datasets.Data, gamma: float,
+              par: parallel.Parallel) -> tuple[Any, dict]:
+  """Train one drafter stage on the mesh (resuming if checkpoints exist) and export it."""
   out_dir = os.path.join(workdir, "drafters", name)
   done = os.path.join(out_dir, "ppow_stage_info.json")
   if os.path.isfile(done):
@@ -103,6 +104,8 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
     logging.info("[%s] already trained (%s); delete it to retrain", name, out_dir)
     return params, info
   trainable, constants = train_step.split_params(drafter, init_params)
+  # a private copy: the jitted step donates its state, and other stages start from init_params
+  trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
   if name == "baseline":
     steps, batch = c.baseline.steps, c.baseline.batch_size
     optim = config_lib.optim_config(c.baseline.optim)
@@ -121,14 +124,19 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
     step = train_step.make_baseline_step(target_cfg, drafter, config_lib.baseline_config(c),
                                          optimizer)
   seed = c.seed + {"baseline": 100, "ppow": 200, "continued": 300}[name]
-  state = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(seed))
+  state = par.place_train_state(drafter, train_step.init_state(trainable, optimizer,
+                                                              jax.random.PRNGKey(seed)))
+  constants = par.place_replicated(constants)
   it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
+  jitted = par.jit_train_step(step, state, target_params, constants,
+                              parallel.batch_structure(batch // jax.process_count(),
+                                                       c.data.seq_len))
   writer = MetricWriter(os.path.join(workdir, "tensorboard", name))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep)
   t0 = time.perf_counter()
   windows = []
-  state = trainer.run(name, jax.jit(step), state, (target_params, constants), it,
+  state = trainer.run(name, jitted, state, (target_params, constants), it,
                       os.path.join(workdir, "checkpoints", name), loop, writer,
                       on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)))
   writer.close()

@@ -304,11 +304,12 @@ class Engine:
 
   def generate(self, target_params, draft_params, prompts_BxP, prompt_len_B,
                rng: Array) -> GenerateOutput:
+    if not isinstance(prompt_len_B, jax.Array) or prompt_len_B.is_fully_addressable:
+      lens = np.asarray(prompt_len_B)  # (a multi-host global array is checked by its host)
+      if lens.min() < 1 or lens.max() > np.shape(prompts_BxP)[1]:
+        raise UserError(f"prompt lengths must be in [1, {np.shape(prompts_BxP)[1]}], got {lens}")
     prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
     prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
-    lens = np.asarray(prompt_len_B)
-    if lens.min() < 1 or lens.max() > prompts_BxP.shape[1]:
-      raise UserError(f"prompt lengths must be in [1, {prompts_BxP.shape[1]}], got {lens}")
     return self._fn(prompts_BxP.shape[1])(target_params, draft_params, prompts_BxP,
                                           prompt_len_B, rng)
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+
+from ppow_jax.data.pipeline import BATCH_KEYS
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ppow_jax import config_lib, sharding, train_step
@@ -163,7 +165,7 @@ class Parallel:
     return jax.device_put(tree, self.replicated)
 
   def place_batch(self, host_local_batch: Any) -> Any:
-    """Global arrays from this host's rows (all rows on one host), split over the batch axes.
+    """Global arrays from this host's rows (one host: all rows), split over the batch axes.
 
     Each host passes its own rows (``datasets`` reads them); the global batch is their
     concatenation in process order, as ``jax.make_array_from_process_local_data`` builds it.
@@ -190,8 +192,8 @@ class Parallel:
     (params and optimizer state are updated in place, no second copy): the caller must not
     touch a state after passing it in (``donate=False`` keeps it). ``batch`` only gives the
     structure: every leaf is split over the batch axes. Metrics come back replicated, so any
-    host can read them. The returned function places host (numpy) batches itself, so it drops into
-    ``trainer.run`` unchanged; it traces under the activation rules.
+    host can read them. The returned function places host (numpy) batches itself, so it drops
+    into ``trainer.run`` unchanged; it traces under the activation rules.
     """
     state_sh = _shardings_of(state, "state")
     in_sh = (state_sh, _shardings_of(target_params, "target_params"),
@@ -218,7 +220,8 @@ class Parallel:
     The engine's jitted decode is traced under the activation rules with sharded inputs, so
     GSPMD propagates the rows' split through prefill, draft, verify and the KV caches. The
     output is gathered to every device (a tiny [B, N] buffer and stats) so that
-    ``new_tokens()`` works on any host.
+    ``new_tokens()`` works on any host. Single-process only for now: ``Engine.generate`` checks
+    the prompt lengths on the host, which a multi-host global array does not allow.
     """
     placed = self.place_batch({"prompts": np.asarray(prompts_BxP, np.int32),
                                "lens": np.asarray(prompt_len_B, np.int32)})
@@ -231,3 +234,8 @@ class Parallel:
 @functools.partial(jax.jit, static_argnums=1)
 def _gather(tree: Any, replicated: NamedSharding) -> Any:
   return jax.lax.with_sharding_constraint(tree, replicated)
+
+
+def batch_structure(rows: int, seq_len: int) -> dict:
+  """A stand-in for the input pipeline's batch (shapes only), to build a jitted step."""
+  return {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}

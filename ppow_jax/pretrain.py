@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppow_jax import config_lib, datasets, engine, train_step, trainer
+from ppow_jax import config_lib, datasets, engine, parallel, train_step, trainer
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.metric_writer import MetricWriter
 from ppow_jax.models import hf, llama
@@ -35,14 +35,15 @@ def _lm_step(cfg: llama.ModelConfig, optimizer: optax.GradientTransformation):
     w = mask[:, 1:].astype(jnp.float32)
     return jnp.sum(nll * w) / jnp.maximum(w.sum(), 1.0)
 
-  def step(state: train_step.TrainState, batch):
+  def step(state: train_step.TrainState, target_params, constants, batch):
+    del target_params, constants  # the train-step signature shared with the drafters
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     tokens = jnp.asarray(batch["tokens_BxT"].shape[0] * batch["tokens_BxT"].shape[1],
                          jnp.float32)
     return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
-            {"loss": loss, "grad_norm": optax.global_norm(grads), "windows": tokens})
+            {"loss": loss, "grad_norm": optax.tree.norm(grads), "windows": tokens})
 
   return step, loss_fn
 
@@ -54,8 +55,7 @@ def heldout_loss(cfg: llama.ModelConfig, params, data: datasets.Data, seq_len: i
     return float("nan")
   it = datasets.pipeline.make_train_iterator(data.heldout, data.tokenizer, seq_len, 8, 0,
                                              num_epochs=1, shuffle=False, num_threads=0)
-  _, loss_fn = _lm_step(cfg, optax.sgd(0.0))
-  fn = jax.jit(loss_fn)
+  fn = jax.jit(_lm_step(cfg, optax.sgd(0.0))[1])
   losses = []
   for _, batch in zip(range(num_batches), it):
     losses.append(float(fn(params, batch)))
@@ -72,8 +72,8 @@ def sample_text(cfg: llama.ModelConfig, params, data: datasets.Data, prompt: str
   return prompt + info.decode(out.new_tokens()[0])
 
 
-def get_target(c, workdir: str, data: datasets.Data, train: bool) -> tuple[llama.ModelConfig,
-                                                                          Any, dict]:
+def get_target(c, workdir: str, data: datasets.Data, train: bool,
+               par: Optional[parallel.Parallel] = None) -> tuple[llama.ModelConfig, Any, dict]:
   """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
   if c.target.hf_dir:
     model, params = hf.load(c.target.hf_dir, dtype=c.target.dtype,
@@ -90,14 +90,19 @@ def get_target(c, workdir: str, data: datasets.Data, train: bool) -> tuple[llama
     raise FileNotFoundError(f"{out_dir} has no pretrained target; run the 'target' stage")
   cfg = config_lib.embedded_target_config(c, data.tokenizer.vocab_size)
   optimizer = train_step.make_optimizer(config_lib.optim_config(c.target.optim))
-  params = llama.init_params(cfg, jax.random.PRNGKey(c.seed))
-  state = train_step.init_state(params, optimizer, jax.random.PRNGKey(c.seed + 1))
+  par = par or parallel.Parallel.single_device(c)
+  params = par.place_target(cfg, llama.init_params(cfg, jax.random.PRNGKey(c.seed)))
+  state = train_step.init_state(params, optimizer, par.place_replicated(
+      jax.random.PRNGKey(c.seed + 1)))
   step, _ = _lm_step(cfg, optimizer)
-  it = datasets.train_iterator(data, c.data.seq_len + 1, c.target.pretrain_batch_size, c.seed)
+  batch = c.target.pretrain_batch_size
+  it = datasets.train_iterator(data, c.data.seq_len + 1, batch, c.seed)
+  jitted = par.jit_train_step(step, state, None, None, parallel.batch_structure(
+      batch // jax.process_count(), c.data.seq_len + 1))
   writer = MetricWriter(os.path.join(workdir, "tensorboard", "target"))
   loop = trainer.LoopConfig(c.target.pretrain_steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep)
-  state = trainer.run("target", jax.jit(lambda s, b: step(s, b)), state, (), it,
+  state = trainer.run("target", jitted, state, (None, None), it,
                       os.path.join(workdir, "checkpoints", "target"), loop, writer)
   writer.close()
   loss = heldout_loss(cfg, state.params, data, c.data.seq_len + 1)

@@ -13,7 +13,8 @@ import os
 from absl import logging
 import jax
 
-from ppow_jax import config_lib, datasets, drafter_stages, evaluate, pretrain, report
+from ppow_jax import (config_lib, datasets, drafter_stages, evaluate, parallel, pretrain,
+                      report)
 from ppow_jax.errors import UserError
 
 
@@ -40,8 +41,11 @@ def run(c, workdir: str) -> str:
   data = datasets.load(c, workdir)
   print(f"[data] {data.description}: {len(data.train)} train / {len(data.heldout)} held-out "
         f"documents; vocab {data.tokenizer.vocab_size}", flush=True)
+  devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
+  par = parallel.Parallel.from_config(c, devices)
   target_cfg, target_params, target_info = pretrain.get_target(c, workdir, data,
-                                                               "target" in stages)
+                                                               "target" in stages, par)
+  target_params = par.place_target(target_cfg, target_params)
   drafter, init = drafter_stages.build_drafter(c, target_cfg, data)
   training = {}
   drafter_names = []
@@ -49,7 +53,7 @@ def run(c, workdir: str) -> str:
   base_dir = os.path.join(workdir, "drafters", "baseline")
   if "baseline" in stages:
     init, training["baseline"] = drafter_stages.run_stage(
-        c, workdir, "baseline", target_cfg, target_params, drafter, init, data, 0.0)
+        c, workdir, "baseline", target_cfg, target_params, drafter, init, data, 0.0, par)
   elif os.path.isdir(base_dir):
     drafter, init = drafter_stages.load_exported(base_dir, target_cfg)
   if os.path.isdir(base_dir) or "baseline" in stages:
@@ -60,7 +64,7 @@ def run(c, workdir: str) -> str:
       continue
     if name in stages:
       _, training[name] = drafter_stages.run_stage(c, workdir, name, target_cfg, target_params,
-                                                   drafter, init, data, gamma)
+                                                   drafter, init, data, gamma, par)
     if os.path.isdir(os.path.join(workdir, "drafters", name)):
       drafter_names.append(name)
 

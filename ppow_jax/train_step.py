@@ -109,7 +109,7 @@ def token_loss(drafter: Drafter, cfg: BaselineConfig, draft_params, target_param
 def _apply_update(optimizer, state: TrainState, grads) -> tuple[TrainState, Array]:
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return state.replace(params=params, opt_state=opt_state), optax.global_norm(grads)
+  return state.replace(params=params, opt_state=opt_state), optax.tree.norm(grads)
 
 
 def make_baseline_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: BaselineConfig,

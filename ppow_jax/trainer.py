@@ -118,6 +118,10 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
   with _Preemption() as preempt:
     try:
       for step_no in range(start + 1, cfg.num_steps + 1):
+        if pending is not None and pending[0] % cfg.save_every == 0:
+          # a step that donates its input state would free the buffers about to be saved
+          finish(pending, False)
+          pending = None
         batch = next(data)
         data_state = data.get_state()
         state, metrics = step_fn(state, *step_args, batch)

@@ -122,6 +122,7 @@ class ParallelTest(absltest.TestCase):
     state = self.par.place_train_state(DRAFTER, self.state)
     draft = train_step.join_params(DRAFTER, state.params, self.par.place_replicated(self.vocab))
     host_draft = {"net": self.net, "vocab": self.vocab}
+    tokens = {}
     for drafter in (None, DRAFTER):
       with self.subTest("speculative" if drafter else "autoregressive"):
         eng = engine.Engine(TARGET, drafter, decode)
@@ -130,6 +131,8 @@ class ParallelTest(absltest.TestCase):
         self.assertEqual(got.new_tokens(), want.new_tokens())
         self.assertEqual([len(t) for t in got.new_tokens()], [6] * 4)
         _assert_trees_close(self, got.stats, want.stats)
+        tokens[drafter is None] = got.new_tokens()
+    self.assertEqual(tokens[False], tokens[True])  # greedy speculative decoding is lossless
 
   def test_target_is_sharded(self):
     target = self.par.place_target(TARGET, self.target)

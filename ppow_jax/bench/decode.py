@@ -114,7 +114,8 @@ class _Prefilled:
 
 def _prefill(target_cfg, target_params, drafter: Optional[Drafter], draft_params, batch: int,
              context_len: int, cache_len: int, seed: int) -> _Prefilled:
-  """Caches holding ``context_len`` committed tokens (+1 pending), as mid-generation."""
+  """Caches as mid-generation with ``context_len`` committed tokens, the last one pending
+  (the engine's convention: the target cache holds all committed tokens but the pending one)."""
   if context_len + 1 >= cache_len:
     raise UserError(f"context_len {context_len} + 1 must be < cache_len {cache_len}")
   prompts = jnp.asarray(_random_prompts(target_cfg.vocab_size, batch, context_len, seed))
@@ -122,15 +123,13 @@ def _prefill(target_cfg, target_params, drafter: Optional[Drafter], draft_params
   hidden_layers = drafter.target_hidden_layers if drafter is not None else ()
   out = llama.Decoder(target_cfg).apply(
       {"params": target_params}, prompts, cache=llama.init_cache(target_cfg, batch, cache_len),
-      hidden_layers=hidden_layers, method=llama.Decoder.forward)
-  first_B = jnp.argmax(out.logits_BxTxV[:, -1], -1).astype(jnp.int32)
+      hidden_layers=hidden_layers, return_logits=False, method=llama.Decoder.forward)
   buffer = jnp.zeros((batch, cache_len), jnp.int32).at[:, :context_len].set(prompts)
-  buffer = buffer.at[:, context_len].set(first_B)
   state = None
   if drafter is not None:
     state = drafter.prefill(draft_params, target_params, drafter.init_state(batch, cache_len),
-                            prompts, lens_B, first_B, out.hidden_states)
-  return _Prefilled(out.cache, state, buffer, lens_B + 1)
+                            prompts, lens_B, out.hidden_states)
+  return _Prefilled(out.cache.replace(lengths_B=lens_B - 1), state, buffer, lens_B)
 
 
 def _verify_looped(target_cfg, target_params, pre: _Prefilled, tokens: int,
@@ -256,7 +255,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   measured = tps["spec"] / tps["ar"]
   rounds = stats["verify_calls"] / batch  # mean rounds per row; the loop runs the longest
   rounds_max = int(np.max(np.asarray(outs["spec"].stats.verify_calls_B)))
-  ar_steps = opts.max_new_tokens - 1
+  ar_steps = int(np.max(np.asarray(outs["ar"].stats.verify_calls_B)))
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
   return {

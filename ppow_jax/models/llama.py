@@ -312,7 +312,9 @@ class Decoder(nn.Module):
           (cfg.hidden_size, cfg.vocab_size), to_dtype(cfg.param_dtype))
 
   def embed(self, tokens_BxT: Array) -> Array:
-    x = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(to_dtype(self.cfg.dtype))
+    # Under FSDP this is the table's all-gather; without it XLA re-materialises [B, T, E].
+    table_VxE = nn.with_logical_constraint(self.embed_tokens, ("vocab", "embed"))
+    x = jnp.take(table_VxE, tokens_BxT, axis=0).astype(to_dtype(self.cfg.dtype))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def logits_from_hidden(self, x_BxTxE: Array) -> Array:
