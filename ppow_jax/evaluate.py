@@ -73,9 +73,13 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
                                max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
     for bs in batch_sizes:
       batches = _batches(prompts, bs, min_len)
-      runs = {"ar": (engine.Engine(target_cfg, None, dcfg), None)}
+      # drafters of one architecture share an engine, hence one compiled program
+      engines = {None: engine.Engine(target_cfg, None, dcfg)}
+      runs = {"ar": (engines[None], None)}
       for name, (drafter, params) in drafters.items():
-        runs[name] = (engine.Engine(target_cfg, drafter, dcfg), params)
+        if drafter not in engines:
+          engines[drafter] = engine.Engine(target_cfg, drafter, dcfg)
+        runs[name] = (engines[drafter], params)
       rng = jax.random.PRNGKey(seed)
       results = {name: {"times": []} for name in runs}
       for name, (eng, params) in runs.items():  # compile + first run, untimed

@@ -106,7 +106,8 @@ def get_target(c, workdir: str, data: datasets.Data, train: bool,
                       os.path.join(workdir, "checkpoints", "target"), loop, writer)
   writer.close()
   loss = heldout_loss(cfg, state.params, data, c.data.seq_len + 1)
-  sample = sample_text(cfg, state.params, data, "def ")
+  sample = (sample_text(cfg, state.params, data, "def ", c.target.sample_tokens)
+            if c.target.sample_tokens else "")
   info = {"source": "embedded", "params": llama.param_count(state.params),
           "heldout_loss_nats": loss, "heldout_perplexity": float(np.exp(loss)),
           "sample": sample, "steps": c.target.pretrain_steps,
