@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 WORKDIR ?= workdir/default
 CONFIG ?= configs/default.py
-# Fake an 8-device mesh on the CPU for the sharding tests (must be set before JAX starts).
-TEST_ENV = XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+PYTEST_ARGS ?=
+# Fake an 8-device mesh on the CPU for the sharding tests (must be set before JAX starts);
+# tests are compile-bound on tiny models, so XLA skips its slow backend optimisations.
+TEST_ENV = XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" JAX_PLATFORMS=cpu
 
 .PHONY: demo test venv clean
 
@@ -20,7 +22,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m ppow_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -83,7 +83,8 @@ class ResumeTest(absltest.TestCase):
                                   jax.random.PRNGKey(1))
     it = pipeline.make_train_iterator(self.texts, self.tok, 17, 2, seed=3, num_threads=0)
     loop = trainer.LoopConfig(num_steps=num_steps, save_every=2, log_every=100)
-    return trainer.run("t", step_fn, state, (), it, os.path.join(workdir, "ckpt"), loop)
+    return trainer.run("t", step_fn, state, (None, None), it, os.path.join(workdir, "ckpt"),
+                       loop)
 
   def _assert_same(self, a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -94,11 +95,11 @@ class ResumeTest(absltest.TestCase):
       reference = self._run(os.path.join(d, "ref"), self.step)
       calls = {"n": 0}
 
-      def dies_at_5(state, batch):  # an abrupt kill: nothing after step 4's dispatch is kept
+      def dies_at_5(state, tp, const, batch):  # an abrupt kill at step 5's dispatch
         calls["n"] += 1
         if calls["n"] == 5:
           raise KeyboardInterrupt("simulated kill")
-        return self.step(state, batch)
+        return self.step(state, tp, const, batch)
 
       with self.assertRaises(KeyboardInterrupt):
         self._run(os.path.join(d, "kill"), dies_at_5)
@@ -108,11 +109,11 @@ class ResumeTest(absltest.TestCase):
 
       sent = {"n": 0}
 
-      def sigterm_at_3(state, batch):
+      def sigterm_at_3(state, tp, const, batch):
         sent["n"] += 1
         if sent["n"] == 3:
           os.kill(os.getpid(), signal.SIGTERM)
-        return self.step(state, batch)
+        return self.step(state, tp, const, batch)
 
       with self.assertRaises(SystemExit) as cm:
         self._run(os.path.join(d, "term"), sigterm_at_3)
@@ -124,9 +125,9 @@ class ResumeTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as d:
       calls = {"n": 0}
 
-      def nan_at_4(state, batch):
+      def nan_at_4(state, tp, const, batch):
         calls["n"] += 1
-        state, metrics = self.step(state, batch)
+        state, metrics = self.step(state, tp, const, batch)
         if calls["n"] == 4:
           metrics = dict(metrics, loss=jnp.float32(np.nan))
         return state, metrics

@@ -102,7 +102,7 @@ def build_tokenizer(vocab_size: int):
   shape (``LlamaHfVocab``: BPE, ``byte_fallback``, a ``Sequence`` decoder). There are no byte
   tokens and no merges: characters outside the vocab become ``<unk>``.
   """
-  from tokenizers import Tokenizer, decoders, models, normalizers
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
   vocab = {p: i for i, p in enumerate(vocab_pieces(vocab_size))}
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, byte_fallback=True,
@@ -111,7 +111,6 @@ def build_tokenizer(vocab_size: int):
                                          normalizers.Replace(" ", SPACE)])
   tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-  from tokenizers import AddedToken
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                           for t in (UNK, BOS, EOS)])
   return tok

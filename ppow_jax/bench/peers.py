@@ -216,12 +216,15 @@ class _LlamaCpp:
       rows = json.loads(proc.stdout)
       self.runs.append({"ar_tokens_per_s": float(rows[0]["avg_ts"])})
       return
-    t0 = time.perf_counter()
-    proc = subprocess.run(self.cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-      raise UserError(f"llama-speculative-simple failed:\n{proc.stderr[-3000:]}")
-    log = proc.stdout + proc.stderr
+    for _ in range(3):  # its asynchronous logger sometimes loses the last lines at exit
+      t0 = time.perf_counter()
+      proc = subprocess.run(self.cmd, capture_output=True, text=True)
+      wall = time.perf_counter() - t0
+      if proc.returncode != 0:
+        raise UserError(f"llama-speculative-simple failed:\n{proc.stderr[-3000:]}")
+      log = proc.stdout + proc.stderr
+      if re.search(r"n_accept\s*=", log):
+        break
 
     def grab(pattern: str, cast=float):
       m = re.search(pattern, log)
