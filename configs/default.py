@@ -52,6 +52,8 @@ def get_config(arg=None):
     c.target.sample_tokens = 0  # no sample text (one compile less)
     c.eval.repeats = 1
     c.checkpoint.save_every = 2
+    c.checkpoint.eval_every = 3  # exercises the best-by-τ checkpoint
+    c.checkpoint.eval_prompts = 2
     c.mesh.num_devices = 1  # toy batches do not divide a fake 8-device mesh
     c.log_every = 1
   return c

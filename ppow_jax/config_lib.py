@@ -161,6 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50  # steps between checkpoints
   c.checkpoint.max_to_keep = 2  # latest checkpoints kept (plus the best by eval τ)
+  c.checkpoint.eval_every = 50  # steps between held-out greedy τ checks (best/); 0 = off
+  c.checkpoint.eval_prompts = 8  # held-out prompts in that check
   c.log_every = 10  # steps between console/TensorBoard lines
   return c
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import config_lib, datasets, drafters, parallel, train_step, trainer
+from ppow_jax import (config_lib, datasets, drafters, engine, parallel, train_step,
+                      trainer)
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
@@ -91,6 +92,24 @@ def load_exported(out_dir: str, target_cfg: llama.ModelConfig):
   return drafters.LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)
 
 
+def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, constants,
+                   data: datasets.Data):
+  """τ of greedy decoding on a few held-out prompts: the 'evaluation τ' of best checkpoints."""
+  if not c.checkpoint.eval_every or not len(data.heldout):
+    return None
+  prompts = datasets.eval_prompts(c, data)[:c.checkpoint.eval_prompts]
+  padded, lens = engine.pad_prompts(prompts)
+  eng = engine.Engine(target_cfg, drafter, engine.DecodeConfig(
+      window=c.eval.window, max_new_tokens=min(c.eval.max_new_tokens, 32)))
+
+  def evaluate(state) -> float:
+    params = train_step.join_params(drafter, state.params, constants)
+    out = eng.generate(target_params, params, padded, lens, jax.random.PRNGKey(0))
+    return out.stats.summary()["tau"]
+
+  return evaluate
+
+
 def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_params,
               drafter, init_params, data: datasets.Data, gamma: float,
               par: parallel.Parallel) -> tuple[Any, dict]:
@@ -133,12 +152,14 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
                                                        c.data.seq_len))
   writer = MetricWriter(os.path.join(workdir, "tensorboard", name))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
-                            c.checkpoint.max_to_keep)
+                            c.checkpoint.max_to_keep, c.checkpoint.eval_every)
   t0 = time.perf_counter()
   windows = []
   state = trainer.run(name, jitted, state, (target_params, constants), it,
                       os.path.join(workdir, "checkpoints", name), loop, writer,
-                      on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)))
+                      on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)),
+                      evaluate=_greedy_tau_fn(c, target_cfg, target_params, drafter, constants,
+                                              data))
   writer.close()
   params = train_step.join_params(drafter, state.params, constants)
   info = {"stage": name, "steps": steps, "batch_size": batch,

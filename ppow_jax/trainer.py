@@ -33,6 +33,12 @@ class LoopConfig:
   save_every: int = 50
   log_every: int = 10
   max_to_keep: int = 3
+  eval_every: int = 0  # steps between evaluations (best-by-τ checkpoint); 0 = never
+
+  def due(self, step_no: int) -> bool:
+    """Whether step ``step_no``'s state is saved or evaluated (it must not be donated yet)."""
+    return step_no % self.save_every == 0 or step_no == self.num_steps or bool(
+        self.eval_every and step_no % self.eval_every == 0)
 
 
 class _Preemption:
@@ -68,11 +74,13 @@ def _scalars(metrics: dict) -> dict:
 
 def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
         ckpt_dir: str, cfg: LoopConfig, writer: Optional[Any] = None,
-        on_metrics: Optional[Callable[[int, dict], None]] = None) -> Any:
+        on_metrics: Optional[Callable[[int, dict], None]] = None,
+        evaluate: Optional[Callable[[Any], float]] = None) -> Any:
   """Run ``state, metrics = step_fn(state, *step_args, batch)`` until ``cfg.num_steps``.
 
   ``data`` is an iterator with ``get_state()``/``set_state()`` (JSON-serialisable).
-  Returns the final state (also saved).
+  ``evaluate(state) -> τ`` runs every ``cfg.eval_every`` steps and at the end; the best state
+  by that τ is kept in the checkpoint's ``best/`` manager. Returns the final state (saved).
   """
   ckpt = Checkpointer(ckpt_dir, cfg.max_to_keep)
   start = 0
@@ -113,13 +121,21 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
       on_metrics(step_no, m)
     if force_save or step_no % cfg.save_every == 0 or step_no == cfg.num_steps:
       ckpt.save(step_no, new_state, data_state, force=True)
+    if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or
+                                                     step_no == cfg.num_steps):
+      tau = float(evaluate(new_state))
+      print(f"[{name}] {step_no}/{cfg.num_steps} eval_tau={tau:.4f}", file=sys.stderr,
+            flush=True)
+      if writer is not None:
+        writer.write(step_no, {"eval_tau": tau})
+      ckpt.save_best(step_no, new_state, data_state, tau)
 
   # ``finally`` waits for an in-flight async save even when the loop dies (Ctrl-C, errors)
   with _Preemption() as preempt:
     try:
       for step_no in range(start + 1, cfg.num_steps + 1):
-        if pending is not None and pending[0] % cfg.save_every == 0:
-          # a step that donates its input state would free the buffers about to be saved
+        if pending is not None and cfg.due(pending[0]):
+          # a step that donates its input state would free the buffers about to be used
           finish(pending, False)
           pending = None
         batch = next(data)

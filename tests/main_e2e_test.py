@@ -65,6 +65,12 @@ class MainPipelineTest(absltest.TestCase):
     for name in ("baseline", "ppow", "continued"):
       self.assertTrue(os.path.isfile(os.path.join(self.workdir, "drafters", name,
                                                   "model.safetensors")))
+      best = os.path.join(self.workdir, "checkpoints", name, "best")
+      self.assertNotEmpty([d for d in os.listdir(best) if d.isdigit()], best)
+    with open(os.path.join(self.workdir, "tensorboard", "ppow", "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    self.assertTrue(any("eval_tau" in r for r in rows))
+    self.assertTrue(any("accepted_hist" in r and "tau_sim" in r for r in rows))
 
   def test_eval_stage_reevaluates_with_a_prompts_file(self):
     prompts = os.path.join(self.tmp.name, "prompts.jsonl")

@@ -183,6 +183,9 @@ def measure_gamma(target_cfg: llama.ModelConfig, target_params, drafter: Drafter
   also has the marginal step (``(t_K - t_1) / (K - 1)``) and γ against a 1-token call.
   """
   cache_len = cache_len or context_len + window + 2
+  if cache_len < context_len + window + 1:
+    raise UserError(f"cache_len {cache_len} cannot hold {context_len} tokens + a window of "
+                    f"{window} + 1")
   pre = _prefill(target_cfg, target_params, drafter, draft_params, batch, context_len,
                  cache_len, seed)
   fns = {"draft_window": _draft_looped(drafter, draft_params, target_params, pre, window, calls),
@@ -206,6 +209,8 @@ def verify_cost_curve(target_cfg: llama.ModelConfig, target_params, batch: int, 
                       repeats: int = 5, seed: int = 0) -> list[dict]:
   """Seconds of one target call on 1..max_tokens new tokens per row, and the ratio to 1."""
   cache_len = cache_len or context_len + max_tokens + 2
+  if cache_len < context_len + max_tokens:
+    raise UserError(f"cache_len {cache_len} cannot hold {context_len} + {max_tokens} tokens")
   pre = _prefill(target_cfg, target_params, None, None, batch, context_len, cache_len, seed)
   fns = {t: _verify_looped(target_cfg, target_params, pre, t, (), calls)
          for t in range(1, max_tokens + 1)}
