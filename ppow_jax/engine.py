@@ -247,8 +247,12 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
     out = target.apply({"params": target_params}, pending_B[:, None],
                        cache=s.target_cache.replace(lengths_B=s.n_B - 1),
                        method=llama.Decoder.forward)
-    probs_BxV = sampling.probs_from_logits(out.logits_BxTxV[:, 0], cfg.temperature, cfg.top_p)
-    tok_B = sampling.sample(key, probs_BxV).astype(jnp.int32)
+    if cfg.temperature == 0:
+      tok_B = jnp.argmax(out.logits_BxTxV[:, 0], axis=-1).astype(jnp.int32)
+    else:
+      probs_BxV = sampling.probs_from_logits(out.logits_BxTxV[:, 0], cfg.temperature,
+                                             cfg.top_p)
+      tok_B = sampling.sample(key, probs_BxV).astype(jnp.int32)
     keep_B, finished_B = _keep_count(tok_B[:, None], jnp.ones_like(s.n_B), s.n_B, prompt_len_B,
                                      cfg)
     keep_B = jnp.where(active_B, keep_B, 0)
