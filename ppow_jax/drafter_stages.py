@@ -82,14 +82,7 @@ def export(drafter, params, out_dir: str, tokenizer: tokenizer_lib.TokenizerInfo
 
 
 def load_exported(out_dir: str, target_cfg: llama.ModelConfig):
-  with open(os.path.join(out_dir, "config.json")) as f:
-    archs = json.load(f).get("architectures") or []
-  if any("Eagle3" in a for a in archs):
-    ecfg, net, vocab = eagle3.load_eagle3(out_dir)
-    return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {
-        "net": jax.tree_util.tree_map(jnp.asarray, net), "vocab": vocab}
-  model, params = hf.load(out_dir)
-  return drafters.LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)
+  return drafters.load(out_dir, target_cfg)
 
 
 def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, constants,

@@ -22,6 +22,8 @@ Invariants (n = number of committed tokens in a row, the last one still "pending
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Optional, Union
 
 import flax
@@ -29,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from ppow_jax import sampling
-from ppow_jax.models import eagle3, llama
+from ppow_jax.errors import UserError
+from ppow_jax.models import eagle3, hf, llama
 
 Array = jax.Array
 
@@ -213,3 +216,29 @@ class Eagle3FeatureDrafter:
 
 
 Drafter = Union[LMDrafter, Eagle3FeatureDrafter]
+
+
+def load(path: str, target_cfg: llama.ModelConfig, dtype: str = "float32"):
+  """(drafter, params) from an exported directory; the kind is read from its config.json.
+
+  An EAGLE-3 directory (``architectures: ["LlamaForCausalLMEagle3"]``) gives an
+  ``Eagle3FeatureDrafter``; a Hugging Face LM directory gives an ``LMDrafter``. The drafter's
+  vocabulary must be the target's.
+  """
+  if not os.path.isdir(path):
+    raise UserError(f"drafter {path!r} is not a directory")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"drafter: {cfg_path} not found")
+  with open(cfg_path) as f:
+    archs = json.load(f).get("architectures") or []
+  if any("Eagle3" in a for a in archs):
+    cfg, params, vocab = eagle3.load_eagle3(path)
+    if cfg.vocab_size != target_cfg.vocab_size:
+      raise UserError(f"{cfg_path}: vocab_size {cfg.vocab_size} != target vocab_size "
+                      f"{target_cfg.vocab_size}")
+    return Eagle3FeatureDrafter.create(cfg, target_cfg), {
+        "net": jax.tree_util.tree_map(jnp.asarray, params), "vocab": vocab}
+  model, params = hf.load(path, dtype=dtype)
+  hf.check_same_vocab(target_cfg, model.cfg, where=cfg_path)
+  return LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)

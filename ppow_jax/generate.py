@@ -11,17 +11,15 @@ compiled call; the timed run is the second one (the first compiles).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 from absl import app, flags
 import jax
 
-from ppow_jax import drafters, engine
+from ppow_jax import cli, drafters, engine
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, hf, llama
+from ppow_jax.models import hf, llama
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", None, "Target: a Hugging Face model directory.")
@@ -41,24 +39,8 @@ flags.DEFINE_string("output_json", None, "Write tokens, τ, α and speed here.")
 
 
 def load_drafter(path: str, target_cfg: llama.ModelConfig, dtype: str):
-  """(drafter, params) from a directory; the kind is read from its config.json."""
-  if not os.path.isdir(path):
-    raise UserError(f"--drafter: {path!r} is not a directory (or 'none')")
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise UserError(f"--drafter: {cfg_path} not found")
-  with open(cfg_path) as f:
-    archs = json.load(f).get("architectures") or []
-  if any("Eagle3" in a for a in archs):
-    cfg, params, vocab = eagle3.load_eagle3(path)
-    if cfg.vocab_size != target_cfg.vocab_size:
-      raise UserError(f"{cfg_path}: vocab_size {cfg.vocab_size} != target vocab_size "
-                      f"{target_cfg.vocab_size}")
-    return drafters.Eagle3FeatureDrafter.create(cfg, target_cfg), {"net": params,
-                                                                  "vocab": vocab}
-  model, params = hf.load(path, dtype=dtype)
-  hf.check_same_vocab(target_cfg, model.cfg, where=cfg_path)
-  return drafters.LMDrafter(model.cfg), params
+  """(drafter, params) from a directory; see ``drafters.load``."""
+  return drafters.load(path, target_cfg, dtype)
 
 
 def _prompt_ids(target_dir: str) -> list[int]:
@@ -121,18 +103,9 @@ def run(argv_unused=None) -> dict:
   print(f"tau={result['tau']:.3f} verify_calls={result['verify_calls']} "
         f"tokens/s={result['tokens_per_s']:.1f}", file=sys.stderr)
   if FLAGS.output_json:
-    with open(FLAGS.output_json, "w") as f:
-      json.dump(result, f, indent=1)
+    cli.write_json(FLAGS.output_json, result)
   return result
 
 
-def main(argv):
-  try:
-    run(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main_for(run))

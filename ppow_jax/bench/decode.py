@@ -20,7 +20,6 @@ The flags ``--target --drafter --window --max_new_tokens --seed --dtype --output
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import engine, generate
+from ppow_jax import cli, engine, generate
 from ppow_jax.bench import pairs
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
@@ -389,18 +388,9 @@ def run(argv_unused=None) -> dict:
   result["command"] = " ".join(["python -m ppow_jax.bench.decode"] + sys.argv[1:])
   print(format_table(result))
   if FLAGS.output_json:
-    with open(FLAGS.output_json, "w") as f:
-      json.dump(result, f, indent=1)
+    cli.write_json(FLAGS.output_json, result)
   return result
 
 
-def main(argv):
-  try:
-    run(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main_for(run))

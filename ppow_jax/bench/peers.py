@@ -38,7 +38,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from ppow_jax import drafters, engine
+from ppow_jax import cli, drafters, engine
 from ppow_jax.bench import decode
 from ppow_jax.errors import UserError
 from ppow_jax.models import hf
@@ -370,18 +370,9 @@ def run(argv_unused=None) -> dict:
   result["command"] = " ".join(["python -m ppow_jax.bench.peers"] + sys.argv[1:])
   print(format_table(result))
   if FLAGS.output_json:
-    with open(FLAGS.output_json, "w") as f:
-      json.dump(result, f, indent=1)
+    cli.write_json(FLAGS.output_json, result)
   return result
 
 
-def main(argv):
-  try:
-    run(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main_for(run))
