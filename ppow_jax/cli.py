@@ -11,11 +11,15 @@ from typing import Any, Callable
 from ppow_jax.errors import UserError
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Write ``obj`` to ``path`` via a temporary file, so a reader never sees half a file."""
+def write_text(path: str, text: str) -> None:
+  """Write ``text`` to ``path`` via a temporary file, so a reader never sees half a file."""
   with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=1))
 
 
 def main_for(run: Callable[[list], Any]) -> Callable[[list], None]:

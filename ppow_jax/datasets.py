@@ -81,7 +81,8 @@ def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_li
   if jax.process_index() == 0:
     tmp = tok_dir + ".tmp"
     tokenizer_lib.save(tok, tmp)
-    os.replace(tmp, tok_dir) if not os.path.exists(tok_dir) else None
+    if not os.path.exists(tok_dir):  # another host may have written it first
+      os.replace(tmp, tok_dir)
   return tokenizer_lib.load(tok_dir) if os.path.isdir(tok_dir) else tokenizer_lib.as_info(tok)
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import (config_lib, datasets, drafters, engine, parallel, train_step,
+from ppow_jax import (cli, config_lib, datasets, drafters, engine, parallel, train_step,
                       trainer)
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -160,7 +160,5 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
           "train_seconds_this_run": time.perf_counter() - t0, "gamma": gamma}
   if jax.process_index() == 0:
     export(drafter, params, out_dir, data.tokenizer)
-    with open(done + ".tmp", "w") as f:
-      json.dump(info, f, indent=1)
-    os.replace(done + ".tmp", done)
+    cli.write_json(done, info)
   return params, info

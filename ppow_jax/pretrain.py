@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppow_jax import config_lib, datasets, engine, parallel, train_step, trainer
+from ppow_jax import cli, config_lib, datasets, engine, parallel, train_step, trainer
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.metric_writer import MetricWriter
 from ppow_jax.models import hf, llama
@@ -118,7 +118,5 @@ def get_target(c, workdir: str, data: datasets.Data, train: bool,
   if jax.process_index() == 0:
     hf.save(out_dir, cfg, jax.device_get(state.params), overwrite=True)
     tokenizer_lib.save(data.tokenizer, out_dir)
-    with open(info_path + ".tmp", "w") as f:
-      json.dump(info, f, indent=1)
-    os.replace(info_path + ".tmp", info_path)
+    cli.write_json(info_path, info)
   return cfg, state.params, info

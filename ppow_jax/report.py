@@ -8,11 +8,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _atomic_write(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+from ppow_jax import cli
 
 
 def _table(rows: list[dict]) -> str:
@@ -95,7 +91,7 @@ def write(workdir: str, protocol: dict, hardware: dict, target: dict, rows: list
           training: dict[str, Any]) -> str:
   report = {"protocol": protocol, "hardware": hardware, "target": target, "results": rows,
             "training": training}
-  _atomic_write(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
+  cli.write_json(os.path.join(workdir, "report.json"), report)
   plots = _plots(workdir, rows)
   md = ["# ppow_jax run report", "",
         f"Target: {target.get('source')} ({target.get('params', '?')} parameters); held-out "
@@ -109,5 +105,5 @@ def write(workdir: str, protocol: dict, hardware: dict, target: dict, rows: list
   for name, info in training.items():
     md.append(f"- {name}: {json.dumps(info)}")
   md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-  _atomic_write(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
+  cli.write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
   return os.path.join(workdir, "report.md")
