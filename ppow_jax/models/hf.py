@@ -3,9 +3,8 @@
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``). HF stores linear weights as ``[out, in]``; our decoder keeps
 ``[in, out]`` with heads split out (``q_proj [E, H, D]``, ``o_proj [H, D, E]``), so every
-tensor goes through one table (``_spec``) that both directions share. Both transformers v4
-(``rope_theta`` / ``rope_scaling`` at the top level) and v5 (``rope_parameters``) configs are
-read; ``save`` writes both spellings so either version loads the result.
+tensor goes through one table (``_spec``) that both directions share. The config side lives in
+``hf_config``; other formats (GGUF) reuse ``params_from_checkpoint`` with their own reader.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import flax.linen as nn
 import jax
@@ -26,173 +25,15 @@ from safetensors.numpy import save_file
 
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
+from ppow_jax.models.hf_config import (ARCHITECTURES, CONFIG, check_dir, check_dtypes,  # noqa: F401
+                                       check_same_vocab, load_config, parse_config, read_json,
+                                       to_hf_config)
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-_MODEL_TYPE = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "qwen3": 32768, "mistral": 131072}
-CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Files that describe weights; everything else (tokenizer, generation config) survives overwrite.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt",
                     ".index.json")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _check_dir(hf_dir: str | os.PathLike) -> str:
-  hf_dir = os.fspath(hf_dir)
-  if not os.path.isdir(hf_dir):
-    raise UserError(f"{hf_dir}: no such model directory")
-  return hf_dir
-
-
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: file not found")
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: cannot read JSON ({e})") from None
-  if not isinstance(data, dict):
-    raise UserError(f"{path}: expected a JSON object")
-  return data
-
-
-def _architecture(raw: dict, path: str) -> str:
-  if "auto_map" in raw:
-    raise UserError(f"{path}: the model needs remote code (auto_map: {sorted(raw['auto_map'])}); "
-                    f"only built-in {', '.join(ARCHITECTURES)} are supported")
-  archs = raw.get("architectures")
-  if not archs:  # Old configs may name only the model_type.
-    by_type = {t: a for a, t in _MODEL_TYPE.items()}
-    if raw.get("model_type") in by_type:
-      return by_type[raw["model_type"]]
-    raise UserError(f"{path}: no 'architectures' and unsupported model_type "
-                    f"{raw.get('model_type')!r}; supported: {', '.join(ARCHITECTURES)}")
-  if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
-    raise UserError(f"{path}: unsupported architectures {archs!r} (custom or remote-code models "
-                    f"are not supported); supported: {', '.join(ARCHITECTURES)}")
-  return archs[0]
-
-
-def _rope(raw: dict, path: str) -> tuple[float, Optional[llama.RopeScaling]]:
-  """(theta, scaling) from v5 ``rope_parameters`` or v4 ``rope_theta`` + ``rope_scaling``."""
-  params = raw.get("rope_parameters")
-  if params is None:
-    params = raw.get("rope_scaling") or {}
-  if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-    raise UserError(f"{path}: unsupported rope_parameters/rope_scaling {params!r}")
-  theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-  if float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
-    raise UserError(f"{path}: partial_rotary_factor != 1 is not supported")
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type == "default":
-    return theta, None
-  if rope_type != "llama3":
-    raise UserError(f"{path}: rope type {rope_type!r} is not supported (only 'default', 'llama3')")
-  try:
-    return theta, llama.RopeScaling(
-        factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-  except KeyError as e:
-    raise UserError(f"{path}: llama3 rope scaling lacks {e.args[0]!r}") from None
-
-
-def _sliding_window(raw: dict, arch: str, num_layers: int, path: str) -> int:
-  """One window for all layers, or 0. HF Qwen2/3 may window only some layers: refused."""
-  window = raw.get("sliding_window")
-  if arch == "MistralForCausalLM":
-    return int(window or 0)
-  if arch == "LlamaForCausalLM" or not raw.get("use_sliding_window") or not window:
-    return 0
-  first = raw.get("max_window_layers", 28)
-  types = raw.get("layer_types") or [
-      "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-  sliding = {t == "sliding_attention" for t in types}
-  if sliding == {True}:
-    return int(window)
-  if sliding == {False}:
-    return 0
-  raise UserError(f"{path}: a sliding window on only some layers (layer_types / "
-                  f"max_window_layers) is not supported")
-
-
-def _parse_config(raw: dict, path: str, dtype: str, param_dtype: str) -> llama.ModelConfig:
-  arch = _architecture(raw, path)
-  model_type = _MODEL_TYPE[arch]
-
-  def get_int(key: str, default: Optional[int] = None) -> int:
-    value = raw.get(key, default)
-    if value is None:
-      raise UserError(f"{path}: missing key {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise UserError(f"{path}: key {key!r} must be an integer, got {value!r}")
-    return value
-
-  def refuse(cond: bool, what: str):
-    if cond:
-      raise UserError(f"{path}: {what} is not supported for {arch}")
-
-  refuse(raw.get("hidden_act", "silu") != "silu", f"hidden_act {raw.get('hidden_act')!r}")
-  refuse(bool(raw.get("mlp_bias")), "mlp_bias=true")
-  # Llama/Qwen3 attention_bias also adds an o_proj bias, which the decoder does not have.
-  refuse(arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias")), "attention_bias=true")
-  heads = get_int("num_attention_heads")
-  hidden = get_int("hidden_size")
-  num_layers = get_int("num_hidden_layers")
-  head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // max(heads, 1))
-  if heads and hidden % heads == 0 and head_dim == hidden // heads:
-    head_dim = 0  # ModelConfig's canonical "derived", so configs round-trip equal.
-  try:
-    theta, scaling = _rope(raw, path)
-  except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
-    if isinstance(e, UserError):
-      raise
-    raise UserError(f"{path}: bad rope settings ({e})") from None
-  fields = dict(
-      vocab_size=get_int("vocab_size"), hidden_size=hidden,
-      intermediate_size=get_int("intermediate_size"), num_layers=num_layers, num_heads=heads,
-      num_kv_heads=get_int("num_key_value_heads", heads), head_dim=int(head_dim),
-      rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-      qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
-      tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-      sliding_window=_sliding_window(raw, arch, num_layers, path),
-      max_position_embeddings=get_int("max_position_embeddings",
-                                      _DEFAULT_MAX_POSITIONS[model_type]),
-      initializer_range=float(raw.get("initializer_range", 0.02)))
-  try:
-    return llama.ModelConfig(**fields, param_dtype=param_dtype, dtype=dtype)
-  except ValueError as e:  # Inconsistent sizes, e.g. heads not a multiple of kv heads.
-    raise UserError(f"{path}: {e}") from None
-
-
-def _check_dtypes(**names: Optional[str]) -> None:
-  for arg, name in names.items():
-    if name is not None:
-      try:
-        llama.to_dtype(name)
-      except ValueError as e:
-        raise UserError(f"{arg}={name!r}: {e}") from None
-
-
-def load_config(hf_dir: str | os.PathLike, *, dtype: str = "float32",
-                param_dtype: str = "float32") -> llama.ModelConfig:
-  """The decoder config of an HF checkpoint directory (reads only config.json)."""
-  _check_dtypes(dtype=dtype, param_dtype=param_dtype)
-  path = os.path.join(_check_dir(hf_dir), CONFIG)
-  return _parse_config(_read_json(path), path, dtype, param_dtype)
-
-
-def check_same_vocab(target_cfg: llama.ModelConfig, drafter_cfg: llama.ModelConfig,
-                     where: str) -> None:
-  """Drafted token ids are fed to the target as-is, so both must share one vocabulary."""
-  if target_cfg.vocab_size != drafter_cfg.vocab_size:
-    raise UserError(f"{where}: target vocab_size {target_cfg.vocab_size} != drafter vocab_size "
-                    f"{drafter_cfg.vocab_size}; the drafter must use the target's tokenizer")
 
 
 # ----------------------------------------------------------------------------- tensor table
@@ -253,7 +94,7 @@ class _Checkpoint:
     if os.path.isfile(single):
       files = [single]
     elif os.path.isfile(index):
-      weight_map = _read_json(index).get("weight_map")
+      weight_map = read_json(index).get("weight_map")
       if not isinstance(weight_map, dict):
         raise UserError(f"{index}: no 'weight_map' object")
       files = [os.path.join(hf_dir, f) for f in sorted(set(weight_map.values()))]
@@ -273,6 +114,14 @@ class _Checkpoint:
         raise UserError(f"{f}: cannot read safetensors ({e})") from None
       self.file_of.update({k: f for k in self._handles[f].keys()})
 
+    self.names = set(self.file_of)
+
+  def describe(self, key: str) -> str:
+    return key
+
+  def where(self, key: str) -> str:
+    return self.file_of[key]
+
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._handles[self.file_of[key]].get_slice(key).get_shape())
 
@@ -283,23 +132,56 @@ class _Checkpoint:
     return self._handles[self.file_of[key]].get_tensor(key)
 
 
-def _check_tensors(ckpt: _Checkpoint, spec: list[_Entry], cfg: llama.ModelConfig, where: str):
+class Checkpoint(Protocol):
+  """Tensors by HF name: what ``params_from_checkpoint`` needs from a file format."""
+  names: set[str]
+
+  def shape(self, key: str) -> tuple[int, ...]: ...
+
+  def get(self, key: str) -> np.ndarray: ...
+
+  def describe(self, key: str) -> str:
+    """The tensor's name in the file (for messages)."""
+
+  def where(self, key: str) -> str:
+    """The file holding the tensor (for messages)."""
+
+
+def _check_tensors(ckpt: Checkpoint, spec: list[_Entry], cfg: llama.ModelConfig, where: str,
+                   source: str) -> None:
   """Every tensor the config needs, with its shape, and nothing else (before reading data)."""
-  names = set(ckpt.file_of)
+  names = ckpt.names
   missing = [e.hf_key for e in spec if e.hf_key not in names]
   if missing:
-    raise UserError(f"{where}: missing tensor(s) {_names(missing)} required by config.json")
+    raise UserError(f"{where}: missing tensor(s) {_names([ckpt.describe(k) for k in missing])} "
+                    f"required by {source}")
   ignored = {n for n in names if n.endswith("rotary_emb.inv_freq")}
   if cfg.tie_embeddings:
     ignored.add("lm_head.weight")  # HF ties it to embed_tokens anyway.
   extra = sorted(names - {e.hf_key for e in spec} - ignored)
   if extra:
-    raise UserError(f"{where}: unexpected tensor(s) {_names(extra)} not used by this config.json")
+    raise UserError(f"{where}: unexpected tensor(s) {_names([ckpt.describe(k) for k in extra])} "
+                    f"not used by this {source}")
   for e in spec:
     got = ckpt.shape(e.hf_key)
     if got != e.hf_shape:
-      raise UserError(f"{ckpt.file_of[e.hf_key]}: tensor {e.hf_key!r} has shape {list(got)}, "
-                      f"expected {list(e.hf_shape)} from config.json")
+      raise UserError(f"{ckpt.where(e.hf_key)}: tensor {ckpt.describe(e.hf_key)!r} has shape "
+                      f"{list(got)}, "
+                      f"expected {list(e.hf_shape)} from {source}")
+
+
+def params_from_checkpoint(ckpt: Checkpoint, cfg: llama.ModelConfig, where: str,
+                           source: str = CONFIG) -> dict:
+  """Our param tree (host numpy, ``cfg.param_dtype``) from HF-named ``[out, in]`` tensors."""
+  spec = _spec(cfg)
+  _check_tensors(ckpt, spec, cfg, where, source)
+  np_dtype = np.dtype(llama.to_dtype(cfg.param_dtype))
+  flat = {}
+  for e in spec:
+    x = ckpt.get(e.hf_key)
+    x = (x.T if e.transpose else x).reshape(e.flax_shape)
+    flat[e.path] = np.ascontiguousarray(x.astype(np_dtype, copy=False))
+  return traverse_util.unflatten_dict(flat)
 
 
 def load(hf_dir: str | os.PathLike, *, dtype: str = "float32",
@@ -309,69 +191,20 @@ def load(hf_dir: str | os.PathLike, *, dtype: str = "float32",
   ``param_dtype=None`` keeps the dtype the weights are stored in (f32/bf16/f16), so a bf16
   target is not doubled in memory. ``model.apply({"params": params}, tokens_BxT)`` -> logits.
   """
-  _check_dtypes(dtype=dtype, param_dtype=param_dtype)
-  hf_dir = _check_dir(hf_dir)
+  check_dtypes(dtype=dtype, param_dtype=param_dtype)
+  hf_dir = check_dir(hf_dir)
   path = os.path.join(hf_dir, CONFIG)
   # The config is checked before the weights are opened (remote code is refused first).
-  cfg = _parse_config(_read_json(path), path, dtype, param_dtype or "float32")
+  cfg = parse_config(read_json(path), path, dtype, param_dtype or "float32")
   ckpt = _Checkpoint(hf_dir)
   embed = "model.embed_tokens.weight"
-  if param_dtype is None and embed in ckpt.file_of:
+  if param_dtype is None and embed in ckpt.names:
     cfg = dataclasses.replace(cfg, param_dtype=_ST_DTYPES.get(ckpt.dtype(embed), "float32"))
-  spec = _spec(cfg)
-  _check_tensors(ckpt, spec, cfg, hf_dir)
-  np_dtype = np.dtype(llama.to_dtype(cfg.param_dtype))
-  flat = {}
-  for e in spec:
-    x = ckpt.get(e.hf_key)
-    x = (x.T if e.transpose else x).reshape(e.flax_shape)
-    flat[e.path] = np.ascontiguousarray(x.astype(np_dtype, copy=False))
-  return llama.Decoder(cfg), traverse_util.unflatten_dict(flat)
+  return llama.Decoder(cfg), params_from_checkpoint(ckpt, cfg, hf_dir)
 
 
 # ----------------------------------------------------------------------------- save
 
-
-def _hf_config(cfg: llama.ModelConfig, arch: str) -> dict:
-  def need(cond: bool, why: str):
-    if not cond:
-      raise UserError(f"cannot export as {arch}: {why}")
-
-  need(arch in ARCHITECTURES, f"supported architectures are {', '.join(ARCHITECTURES)}")
-  is_qwen2, is_qwen3 = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
-  need(cfg.qkv_bias or not is_qwen2, "Qwen2ForCausalLM always has q/k/v biases (qkv_bias=True)")
-  need(is_qwen2 or not cfg.qkv_bias, "q/k/v biases (qkv_bias) exist only in Qwen2ForCausalLM")
-  need(cfg.qk_norm or not is_qwen3, "Qwen3ForCausalLM always has q/k norms (qk_norm=True)")
-  need(is_qwen3 or not cfg.qk_norm, "q/k norms (qk_norm) exist only in Qwen3ForCausalLM")
-  need(not cfg.sliding_window or arch != "LlamaForCausalLM",
-       "LlamaForCausalLM has no sliding window (use MistralForCausalLM)")
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling is not None:
-    rope.update(rope_type="llama3", **dataclasses.asdict(cfg.rope_scaling))
-  out: dict[str, Any] = {
-      "architectures": [arch], "model_type": _MODEL_TYPE[arch], "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
-      "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
-      "rms_norm_eps": cfg.rms_norm_eps, "initializer_range": cfg.initializer_range,
-      "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "use_cache": True,
-      # v5 reads rope_parameters; v4 reads rope_theta and rope_scaling.
-      "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-      "rope_scaling": rope if cfg.rope_scaling is not None else None,
-  }
-  if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
-    out["attention_bias"] = False
-  if arch == "LlamaForCausalLM":
-    out["mlp_bias"] = False
-  if arch == "MistralForCausalLM":
-    out["sliding_window"] = cfg.sliding_window or None
-  if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-    window = bool(cfg.sliding_window)
-    out.update(use_sliding_window=window, sliding_window=cfg.sliding_window or None,
-               max_window_layers=0 if window else cfg.num_layers,
-               layer_types=[("sliding_attention" if window else "full_attention")] * cfg.num_layers)
-  return out
 
 
 def _hf_tensors(cfg: llama.ModelConfig, params: Any) -> dict[str, np.ndarray]:
@@ -451,7 +284,7 @@ def save(hf_dir: str | os.PathLike, cfg: llama.ModelConfig, params: Any, *,
   Tensors keep their dtype. Everything is validated before anything is written, and the
   directory appears (or is replaced, with ``overwrite``) in one rename.
   """
-  config = _hf_config(cfg, architecture)
+  config = to_hf_config(cfg, architecture)
   tensors = _hf_tensors(cfg, params)
   config["dtype"] = config["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype)
   _write_atomically(os.fspath(hf_dir), config, tensors, overwrite)
@@ -464,7 +297,7 @@ def load_tokenizer(hf_dir: str | os.PathLike):
   """The fast tokenizer (``tokenizers.Tokenizer``) from tokenizer.json."""
   import tokenizers  # Only callers that tokenize pay for the import.
 
-  path = os.path.join(_check_dir(hf_dir), "tokenizer.json")
+  path = os.path.join(check_dir(hf_dir), "tokenizer.json")
   if not os.path.isfile(path):
     raise UserError(f"{path}: not found (a fast tokenizer saved as tokenizer.json is required)")
   try:
@@ -482,12 +315,12 @@ class GenerationInfo:
 
 def read_generation_info(hf_dir: str | os.PathLike) -> GenerationInfo:
   """Special token ids; generation_config.json overrides config.json, as in ``generate``."""
-  hf_dir = _check_dir(hf_dir)
+  hf_dir = check_dir(hf_dir)
   merged: dict[str, Any] = {}
   for name in (CONFIG, "generation_config.json"):
     path = os.path.join(hf_dir, name)
     if os.path.isfile(path):
-      raw = _read_json(path)
+      raw = read_json(path)
       for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if raw.get(key) is not None:
           merged[key] = (raw[key], path)
