@@ -35,7 +35,7 @@ from ppow_jax import cli, engine, generate
 from ppow_jax.bench import pairs
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.models import hf, llama
+from ppow_jax.models import gguf_convert, llama
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("pair", None, ["synthetic", "hf"],
@@ -364,7 +364,7 @@ def run(argv_unused=None) -> dict:
   if kind == "hf":
     if not FLAGS.target or FLAGS.drafter.lower() == "none":
       raise UserError("--pair=hf needs --target and --drafter")
-    target, target_params = hf.load(FLAGS.target, dtype=FLAGS.dtype)
+    target, target_params = gguf_convert.load(FLAGS.target, dtype=FLAGS.dtype)
     target_cfg = target.cfg
     drafter, draft_params = generate.load_drafter(FLAGS.drafter, target_cfg, FLAGS.dtype)
     description = f"target {FLAGS.target}, drafter {FLAGS.drafter}"
