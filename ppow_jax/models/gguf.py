@@ -202,17 +202,18 @@ def load_config(path: str | os.PathLike, *, dtype: str = "float32",
   return hf_config.parse_config(hf_config_dict(reader), os.fspath(path), dtype, param_dtype)
 
 
-def load(path: str | os.PathLike, *, dtype: str = "float32",
-         param_dtype: Optional[str] = None) -> tuple[llama.Decoder, dict]:
+def load(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: Optional[str] = None,
+         reader=None) -> tuple[llama.Decoder, dict]:
   """Decoder and params (host numpy) from a GGUF file; the contract of ``hf.load``.
 
   Quantized tensors are dequantized to float32; ``param_dtype`` (default float32) casts them.
-  ``model.apply({"params": params}, tokens_BxT)`` -> logits.
+  ``model.apply({"params": params}, tokens_BxT)`` -> logits. ``reader``: the file already open
+  (``open_reader``; parsing a large vocabulary's metadata takes seconds).
   """
   param_dtype = param_dtype or "float32"
   hf_config.check_dtypes(dtype=dtype, param_dtype=param_dtype)
   path = os.fspath(path)
-  reader = open_reader(path)
+  reader = reader or open_reader(path)
   cfg = hf_config.parse_config(hf_config_dict(reader), path, dtype, param_dtype)
   params = hf.params_from_checkpoint(_Checkpoint(reader, cfg), cfg, path, "the GGUF metadata")
   return llama.Decoder(cfg), params

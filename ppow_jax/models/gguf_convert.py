@@ -75,7 +75,7 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   arch = gguf.ARCHITECTURES[gguf.architecture(reader)]
   info = gguf_tokenizer.build(reader)  # Everything is read before anything is written.
   gen = gguf_tokenizer.generation_info(reader)
-  model, params = gguf.load(gguf_path)
+  model, params = gguf.load(gguf_path, reader=reader)
   parent = os.path.dirname(out_dir)
   try:
     os.makedirs(parent, exist_ok=True)

@@ -18,14 +18,14 @@ from ppow_jax import cli
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf_convert
 
-FLAGS = flags.DEFINE_bool("overwrite", False, "Replace OUT_DIR if it holds files.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace OUT_DIR if it holds files.")
 
 
 def run(argv: list[str]) -> str:
   if len(argv) != 3:
     raise UserError("usage: python -m ppow_jax.tools.gguf_to_hf IN.gguf OUT_DIR [--overwrite]")
   t0 = time.perf_counter()
-  out = gguf_convert.convert(argv[1], argv[2], overwrite=FLAGS.value)
+  out = gguf_convert.convert(argv[1], argv[2], overwrite=_OVERWRITE.value)
   print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
   return out
 
