@@ -62,7 +62,7 @@ def _byte_vocab():
 BOS, EOS = 258, 259  # <|im_start|>, <|im_end|> in _byte_vocab
 
 
-def write_gguf(path, arch="llama", types=None, tie=False, seed=0, skip=(), d=D):
+def write_gguf(path, arch="llama", types=None, tie=False, seed=0, skip=(), d=D, pre="smollm"):
   """Writes a tiny model; returns its HF-layout tensors as the loader should see them."""
   rng = np.random.default_rng(seed)
   types = types or {}
@@ -80,7 +80,7 @@ def write_gguf(path, arch="llama", types=None, tie=False, seed=0, skip=(), d=D):
   w.add_vocab_size(V)
   tokens, merges, token_types = _byte_vocab()
   w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("smollm")
+  w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
   w.add_token_merges(merges)
   w.add_token_types(token_types)
@@ -314,6 +314,19 @@ class GgufErrorsTest(absltest.TestCase):
     bad = os.path.join(self.tmp, "missing.gguf")
     write_gguf(bad, "llama", skip=("blk.1.ffn_up.weight",))
     self._raises(bad, "missing tensor", "'blk.1.ffn_up.weight'")
+
+  def test_type_gguf_cannot_dequantize(self):
+    def refuse(data, qtype):
+      raise NotImplementedError(qtype)
+    with absltest.mock.patch.object(gguf_lib.quants, "dequantize", refuse):
+      self._raises(self.path, "has type", "cannot dequantize")
+
+  def test_unsupported_tokenizer(self):
+    bad = os.path.join(self.tmp, "pre.gguf")
+    write_gguf(bad, "llama", pre="mystery")
+    with self.assertRaisesRegex(UserError, "unsupported pre-tokenizer.*'mystery'"):
+      gguf_tokenizer.load(bad)
+    gguf.load(bad)  # the weights do not depend on it
 
   def test_cli_bad_input_writes_nothing(self):
     from ppow_jax.tools import gguf_to_hf  # pylint: disable=g-import-not-at-top
