@@ -7,8 +7,6 @@ import json
 from absl.testing import absltest
 import jax
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
 from ppow_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -32,6 +30,10 @@ def _humaneval_prompts():
 
 
 class BenchmarksTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
 
   def test_chat_set_is_varied(self):
     turns = benchmarks.benchmark_turns("chat")

