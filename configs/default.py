@@ -13,18 +13,21 @@ Variants (``configs/default.py:<variant>``):
   lm      an independent small-LM drafter instead of EAGLE-3.
 """
 
-from ppow_jax import config_lib
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(  # configs/common.py, wherever this file is
+    "ppow_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  variants = set((arg or "").split(",")) - {""}
-  unknown = variants - {"smoke", "lm"}
-  if unknown:
-    raise ValueError(f"configs/default.py: unknown variant(s) {sorted(unknown)}")
-  if "lm" in variants:
+  v = common.parse_arg(arg, smoke=False, lm=False)
+  c = common.base_config()
+  if v.lm:
     c.drafter.kind = "lm"
-  if "smoke" in variants:
+  if v.smoke:
     c.data.tokenizer_vocab_size = 300  # just above the 256 bytes + specials
     c.data.tokenizer_train_docs = 40
     c.data.seq_len = 32
@@ -52,7 +55,7 @@ def get_config(arg=None):
     c.target.sample_tokens = 0  # no sample text (one compile less)
     c.eval.repeats = 1
     c.checkpoint.save_every = 2
-    c.checkpoint.eval_every = 3  # exercises the best-by-τ checkpoint
+    c.checkpoint.eval_every = 3  # exercises the held-out τ check
     c.checkpoint.eval_prompts = 2
     c.mesh.num_devices = 1  # toy batches do not divide a fake 8-device mesh
     c.log_every = 1

@@ -20,8 +20,14 @@ Memory per device (see docs/scale_out.md):
   python -m ppow_jax.tools.memory_plan --config=configs/llama33_70b_eagle3.py:tpu_v5p --num_devices=16
 """
 
-from ppow_jax import config_lib
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(  # configs/common.py, wherever this file is
+    "ppow_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-  return config_lib.real_run_config("llama3.3-70b", arg or "tpu_v5p", tensor=8)
+  return common.real_run("llama3.3-70b", arg, tensor=8)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from absl import logging
 import jax
 
+from ppow_jax import layout, sharding
 from ppow_jax.data import builders, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -37,8 +38,8 @@ def _corpus_source(c) -> str:
   return c.data.corpus
 
 
-def _sources(c, workdir: str) -> tuple[dict, str, str]:
-  data_dir = os.path.join(workdir, "tfds")
+def _sources(c, paths: layout.Layout) -> tuple[dict, str, str]:
+  data_dir = paths.tfds
   if c.data.tfds_name:
     builder = builders.load_prepared(c.data.tfds_name, c.data.tfds_data_dir or data_dir)
     splits = dict(builder.as_data_source())
@@ -66,12 +67,13 @@ def document_text(example: Any, kind: str) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_lib.TokenizerInfo:
+def _tokenizer(c, paths: layout.Layout, train: Sequence[Any], kind: str
+               ) -> tokenizer_lib.TokenizerInfo:
   if c.data.tokenizer:
     return tokenizer_lib.load(c.data.tokenizer)
   if c.target.hf_dir:
     return tokenizer_lib.load(gguf_convert.resolve(c.target.hf_dir))
-  tok_dir = os.path.join(workdir, "tokenizer")
+  tok_dir = paths.tokenizer
   if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
     return tokenizer_lib.load(tok_dir)
   n = min(len(train), c.data.tokenizer_train_docs)
@@ -79,7 +81,7 @@ def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_li
   texts = (document_text(train[i * stride], kind) for i in range(n))
   logging.info("training a %d-token BPE on %d documents", c.data.tokenizer_vocab_size, n)
   tok = tokenizer_lib.train_bpe(texts, c.data.tokenizer_vocab_size)
-  if jax.process_index() == 0:
+  if sharding.is_primary():
     tmp = tok_dir + ".tmp"
     tokenizer_lib.save(tok, tmp)
     if not os.path.exists(tok_dir):  # another host may have written it first
@@ -87,12 +89,12 @@ def _tokenizer(c, workdir: str, train: Sequence[Any], kind: str) -> tokenizer_li
   return tokenizer_lib.load(tok_dir) if os.path.isdir(tok_dir) else tokenizer_lib.as_info(tok)
 
 
-def load(c, workdir: str) -> Data:
-  splits, kind, description = _sources(c, workdir)
+def load(c, paths: layout.Layout) -> Data:
+  splits, kind, description = _sources(c, paths)
   if "train" not in splits or len(splits["train"]) == 0:
     raise UserError(f"{description}: the train split is empty")
   heldout = splits.get("heldout") or splits.get("test") or splits.get("validation") or []
-  tok = _tokenizer(c, workdir, splits["train"], kind)
+  tok = _tokenizer(c, paths, splits["train"], kind)
   return Data(splits["train"], heldout, tok, kind, description)
 
 

@@ -2,15 +2,13 @@
 
 Each stage checkpoints under ``<workdir>/checkpoints/<stage>`` (and resumes from there), then
 exports the drafter to ``<workdir>/drafters/<stage>`` in Hugging Face layout (EAGLE-3 keys,
-or a plain LM directory), which ``ppow_jax.generate``, SGLang and vLLM load.
+or a plain LM directory), which ``ppow_jax.generate``, SGLang and vLLM load. What each stage
+trains (steps, batch, optimizer, seed) is its row of ``stages.TABLE``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -18,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import (cli, config_lib, datasets, drafters, engine, parallel, train_step,
-                      trainer)
+from ppow_jax import (cli, datasets, drafters, engine, layout, parallel, settings, sharding,
+                      stages, train_step, trainer)
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
@@ -27,24 +25,22 @@ from ppow_jax.models import eagle3, hf, llama
 
 
 def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
-  """(drafter, initial params) from ``config.drafter``."""
+  """(drafter, initial params) from ``config.drafter``: loaded from ``init_from``, or the
+  architecture of ``settings.drafter_arch`` (the one the memory plan sizes) at random."""
   d = c.drafter
+  if d.init_from:
+    drafters.check_drafter_dir(d.init_from, "config.drafter.init_from")
   if d.kind == "eagle3":
     if d.init_from:
       ecfg, net, vocab = eagle3.load_eagle3(d.init_from, param_dtype=d.param_dtype,
                                             dtype=d.dtype)
       if ecfg.vocab_size != target_cfg.vocab_size:
         raise UserError(f"config.drafter.init_from {d.init_from}: vocab_size "
-                                 f"{ecfg.vocab_size} != target's {target_cfg.vocab_size}")
+                        f"{ecfg.vocab_size} != target's {target_cfg.vocab_size}")
       return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net,
                                                                       "vocab": vocab}
-    overrides = {"dtype": d.dtype, "param_dtype": d.param_dtype}
-    if d.hidden_size:
-      overrides["hidden_size"] = d.hidden_size
-    if d.intermediate_size:
-      overrides["intermediate_size"] = d.intermediate_size
-    vd = d.draft_vocab_size or target_cfg.vocab_size
-    ecfg = eagle3.Eagle3Config.from_target(target_cfg, draft_vocab_size=vd, **overrides)
+    ecfg = settings.drafter_arch(c, target_cfg)
+    vd = ecfg.draft_vocab_size
     vocab = (eagle3.identity_draft_vocab(target_cfg.vocab_size) if vd == target_cfg.vocab_size
              else eagle3.build_draft_vocab(_token_counts(data, target_cfg.vocab_size), vd))
     net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(c.seed + 10))
@@ -53,13 +49,7 @@ def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
     model, params = hf.load(d.init_from, dtype=d.dtype, param_dtype=d.param_dtype)
     hf.check_same_vocab(target_cfg, model.cfg, where=d.init_from)
     return drafters.LMDrafter(model.cfg), jax.tree_util.tree_map(jnp.asarray, params)
-  hidden = d.hidden_size or max(target_cfg.hidden_size // 2, 32)
-  heads = max(target_cfg.num_heads // 2, 1)
-  cfg = dataclasses.replace(
-      target_cfg, hidden_size=hidden, num_layers=d.num_layers, num_heads=heads,
-      num_kv_heads=1, head_dim=0,
-      intermediate_size=d.intermediate_size or target_cfg.intermediate_size // 2,
-      dtype=d.dtype, param_dtype=d.param_dtype)
+  cfg = settings.drafter_arch(c, target_cfg)
   return drafters.LMDrafter(cfg), llama.init_params(cfg, jax.random.PRNGKey(c.seed + 10))
 
 
@@ -79,6 +69,7 @@ def export(drafter, params, out_dir: str, tokenizer: tokenizer_lib.TokenizerInfo
   else:
     hf.save(out_dir, drafter.cfg, params, overwrite=True)
   tokenizer_lib.save(tokenizer, out_dir)
+  layout.make_readable(out_dir)
 
 
 def load_exported(out_dir: str, target_cfg: llama.ModelConfig):
@@ -103,39 +94,31 @@ def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, con
   return evaluate
 
 
-def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_params,
-              drafter, init_params, data: datasets.Data, gamma: float,
+def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
+              target_params, drafter, init_params, data: datasets.Data, gamma: float,
               par: parallel.Parallel) -> tuple[Any, dict]:
   """Train one drafter stage on the mesh (resuming if checkpoints exist) and export it."""
-  out_dir = os.path.join(workdir, "drafters", name)
-  done = os.path.join(out_dir, "ppow_stage_info.json")
-  if os.path.isfile(done):
-    with open(done) as f:
-      info = json.load(f)
+  out_dir = paths.export(name)
+  info = paths.read_info(name)
+  if info is not None:
     _, params = load_exported(out_dir, target_cfg)
-    logging.info("[%s] already trained (%s); delete it to retrain", name, out_dir)
+    logging.info("[%s] already trained (%s); --retrain=%s trains it again", name, out_dir, name)
     return params, info
+  stage = stages.BY_NAME[name]
+  recorded = stages.settings(c, name)
+  if sharding.is_primary():
+    os.makedirs(paths.checkpoints(name), exist_ok=True)
+    cli.write_json(paths.settings_file(name), recorded)
   trainable, constants = train_step.split_params(drafter, init_params)
   # a private copy: the jitted step donates its state, and other stages start from init_params
   trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
-  if name == "baseline":
-    steps, batch = c.baseline.steps, c.baseline.batch_size
-    optim = config_lib.optim_config(c.baseline.optim)
-  elif name == "ppow":
-    steps, batch = c.ppow.steps, c.ppow.batch_size
-    optim = config_lib.optim_config(c.ppow.optim)
-  else:  # continued baseline: the same training sequences as PPOW consumed
-    steps = -(-c.ppow.steps * c.ppow.batch_size // c.baseline.batch_size)
-    batch = c.baseline.batch_size
-    optim = config_lib.optim_config(c.continued.optim)
-  optimizer = train_step.make_optimizer(optim)
+  steps, batch, optim_node = stage.schedule(c)
+  optimizer = train_step.make_optimizer(settings.optim(optim_node))
   if name == "ppow":
-    pcfg = config_lib.ppow_config(c, gamma)
-    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer)
+    step = train_step.make_ppow_step(target_cfg, drafter, settings.ppow(c, gamma), optimizer)
   else:
-    step = train_step.make_baseline_step(target_cfg, drafter, config_lib.baseline_config(c),
-                                         optimizer)
-  seed = c.seed + {"baseline": 100, "ppow": 200, "continued": 300}[name]
+    step = train_step.make_baseline_step(target_cfg, drafter, settings.baseline(c), optimizer)
+  seed = c.seed + stage.seed_offset
   state = par.place_train_state(drafter, train_step.init_state(trainable, optimizer,
                                                               jax.random.PRNGKey(seed)))
   constants = par.place_replicated(constants)
@@ -143,22 +126,20 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
   jitted = par.jit_train_step(step, state, target_params, constants,
                               parallel.batch_structure(batch // jax.process_count(),
                                                        c.data.seq_len))
-  writer = MetricWriter(os.path.join(workdir, "tensorboard", name))
+  writer = MetricWriter(paths.tensorboard(name))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep, c.checkpoint.eval_every)
-  t0 = time.perf_counter()
-  windows = []
+  totals = {}
   state = trainer.run(name, jitted, state, (target_params, constants), it,
-                      os.path.join(workdir, "checkpoints", name), loop, writer,
-                      on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)),
+                      paths.checkpoints(name), loop, writer, totals=totals,
                       evaluate=_greedy_tau_fn(c, target_cfg, target_params, drafter, constants,
                                               data))
   writer.close()
   params = train_step.join_params(drafter, state.params, constants)
-  info = {"stage": name, "steps": steps, "batch_size": batch,
-          "sequences": steps * batch, "windows": float(np.sum(windows)),
-          "train_seconds_this_run": time.perf_counter() - t0, "gamma": gamma}
-  if jax.process_index() == 0:
+  info = {"stage": name, "steps": steps, "batch_size": batch, "sequences": steps * batch,
+          "windows": totals["windows"], "train_seconds": totals["seconds"], "gamma": gamma,
+          "settings": recorded}
+  if sharding.is_primary():
     export(drafter, params, out_dir, data.tokenizer)
-    cli.write_json(done, info)
+    cli.write_json(paths.info(name), info)
   return params, info

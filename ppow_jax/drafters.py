@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from typing import Any, Optional, Union
 
 import flax
@@ -218,6 +219,68 @@ class Eagle3FeatureDrafter:
 Drafter = Union[LMDrafter, Eagle3FeatureDrafter]
 
 
+def _check_safetensors(path: str) -> None:
+  """The file's header parses and the file is as long as the header says (not truncated)."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError("shorter than its 8-byte header length")
+      (n,) = struct.unpack("<Q", head)
+      if n > size - 8:
+        raise ValueError(f"header of {n} bytes in a file of {size}")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+  ends = [v["data_offsets"][1] for k, v in header.items()
+          if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+  if ends and 8 + n + max(ends) > size:
+    raise UserError(f"{path}: truncated ({size} bytes; its header needs {8 + n + max(ends)})")
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise UserError(f"{path}: {what} must be a JSON object, got a {type(obj).__name__}")
+  return obj
+
+
+def check_drafter_dir(path: str, where: str = "drafter") -> dict:
+  """Checks a model directory before any loader reads it; returns its config.json.
+
+  A directory with a JSON-object config.json and safetensors weights (one file, or an index
+  whose ``weight_map`` names files that exist), none truncated. Each failure is a UserError
+  naming the file.
+  """
+  if not os.path.isdir(path):
+    raise UserError(f"{where} {path!r} is not a directory")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{where}: {cfg_path} not found")
+  cfg = _read_json(cfg_path, "config.json")
+  index_path = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(os.path.join(path, "model.safetensors")):
+    files = ["model.safetensors"]
+  elif os.path.isfile(index_path):
+    weight_map = _read_json(index_path, "the index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise UserError(f"{index_path}: no weight_map (tensor name -> file)")
+    files = sorted(set(map(str, weight_map.values())))
+  else:
+    files = []  # the loaders name what is missing (and refuse pickles)
+  for name in files:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise UserError(f"{index_path}: lists {name}, which does not exist")
+    _check_safetensors(file)
+  return cfg
+
+
 def load(path: str, target_cfg: llama.ModelConfig, dtype: str = "float32"):
   """(drafter, params) from an exported directory; the kind is read from its config.json.
 
@@ -225,14 +288,9 @@ def load(path: str, target_cfg: llama.ModelConfig, dtype: str = "float32"):
   ``Eagle3FeatureDrafter``; a Hugging Face LM directory gives an ``LMDrafter``. The drafter's
   vocabulary must be the target's.
   """
-  if not os.path.isdir(path):
-    raise UserError(f"drafter {path!r} is not a directory")
+  archs = check_drafter_dir(path).get("architectures") or []
   cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise UserError(f"drafter: {cfg_path} not found")
-  with open(cfg_path) as f:
-    archs = json.load(f).get("architectures") or []
-  if any("Eagle3" in a for a in archs):
+  if any("Eagle3" in str(a) for a in archs):
     cfg, params, vocab = eagle3.load_eagle3(path)
     if cfg.vocab_size != target_cfg.vocab_size:
       raise UserError(f"{cfg_path}: vocab_size {cfg.vocab_size} != target vocab_size "

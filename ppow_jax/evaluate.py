@@ -2,31 +2,21 @@
 
 For each temperature and batch size, AR and every drafter decode the same prompts with the
 same compiled engine code; timed repeats are interleaved (AR, drafter 1, drafter 2, ..., then
-again) so that machine noise hits all of them alike, and speedups use the median of the
-repeats. τ counts the bonus token: Σ committed / Σ verification calls over the whole set.
+again: ``timing.interleaved``) so that machine noise hits all of them alike, and speedups use
+the median of the repeats. τ counts the bonus token: Σ committed / Σ verification calls over
+the whole set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
-import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
-from ppow_jax import engine
+from ppow_jax import engine, timing
 from ppow_jax.models import llama
-
-
-def hardware() -> dict:
-  dev = jax.devices()[0]
-  return {"platform": dev.platform, "device_kind": dev.device_kind,
-          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__, "load_average": list(os.getloadavg())}
 
 
 def _batches(prompts: list[list[int]], batch_size: int, min_length: int):
@@ -36,18 +26,19 @@ def _batches(prompts: list[list[int]], batch_size: int, min_length: int):
           for i in range(0, usable, batch_size)]
 
 
-def _run_all(eng: engine.Engine, tparams, dparams, batches, rng) -> tuple[list, Any, float]:
-  """Decode every batch; returns (new tokens per prompt, summed stats, seconds)."""
-  t0 = time.perf_counter()
-  outs = [eng.generate(tparams, dparams, p, l, rng) for p, l in batches]
-  jax.block_until_ready([o.tokens_BxN for o in outs])
-  seconds = time.perf_counter() - t0
+def _decode_all(eng: engine.Engine, tparams, dparams, batches, rng) -> list:
+  """Every batch, dispatched back to back (the timed unit)."""
+  return [eng.generate(tparams, dparams, p, l, rng) for p, l in batches]
+
+
+def _collect(outs: list) -> tuple[list, Any]:
+  """(new tokens per prompt, summed stats) of ``_decode_all``'s outputs."""
   tokens, stats = [], None
   for out in outs:
     tokens += out.new_tokens()
     st = jax.tree_util.tree_map(np.asarray, out.stats)
     stats = st if stats is None else _merge(stats, st)
-  return tokens, stats, seconds
+  return tokens, stats
 
 
 def _merge(a: engine.Stats, b: engine.Stats) -> engine.Stats:
@@ -81,14 +72,14 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
           engines[drafter] = engine.Engine(target_cfg, drafter, dcfg)
         runs[name] = (engines[drafter], params)
       rng = jax.random.PRNGKey(seed)
-      results = {name: {"times": []} for name in runs}
-      for name, (eng, params) in runs.items():  # compile + first run, untimed
-        toks, stats, _ = _run_all(eng, target_params, params, batches, rng)
-        results[name].update(tokens=toks, stats=stats)
-      for _ in range(repeats):
-        for name, (eng, params) in runs.items():
-          _, _, sec = _run_all(eng, target_params, params, batches, rng)
-          results[name]["times"].append(sec)
+      timed = timing.interleaved(
+          {name: (lambda eng=eng, params=params: _decode_all(eng, target_params, params,
+                                                            batches, rng))
+           for name, (eng, params) in runs.items()}, repeats)
+      results = {}
+      for name in runs:
+        toks, stats = _collect(timed.first[name])
+        results[name] = {"times": timed.seconds[name], "tokens": toks, "stats": stats}
       ar_tps = None
       for name, res in results.items():
         n_tokens = sum(len(t) for t in res["tokens"])

@@ -55,7 +55,10 @@ def _prompt_ids(target_dir: str) -> list[int]:
     if not ids:
       raise UserError("--prompt_ids is empty")
     return ids
-  return hf.load_tokenizer(target_dir).encode(FLAGS.prompt).ids
+  ids = hf.load_tokenizer(target_dir).encode(FLAGS.prompt).ids
+  if not ids:
+    raise UserError("--prompt is empty (it encodes to no tokens); give some text")
+  return ids
 
 
 def run(argv_unused=None) -> dict:

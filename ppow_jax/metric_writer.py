@@ -1,26 +1,49 @@
-"""TensorBoard (via tensorboardX, no TensorFlow needed) plus a JSONL copy for plots/reports."""
+"""TensorBoard (via tensorboardX, no TensorFlow needed) plus a JSONL copy for plots/reports.
+
+The JSONL copy has one row per logged step: a resumed stage first ``rewind`` s it to its
+checkpoint, dropping the rows of steps that are trained again.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
-import jax
 import numpy as np
+
+from ppow_jax import cli, sharding
 
 
 class MetricWriter:
   """Only the primary process writes; others get a no-op writer."""
 
   def __init__(self, logdir: str, enabled: bool = True):
-    self.enabled = enabled and jax.process_index() == 0
+    self.enabled = enabled and sharding.is_primary()
     self._tb = None
     self._jsonl = None
+    self._path = os.path.join(logdir, "metrics.jsonl")
     if self.enabled:
       from tensorboardX import SummaryWriter  # deferred: heavy import
       os.makedirs(logdir, exist_ok=True)
       self._tb = SummaryWriter(logdir)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      self._jsonl = open(self._path, "a")
+
+  def rewind(self, step: int) -> None:
+    """Drops the JSONL rows after ``step`` (a resumed run trains those steps again)."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    with open(self._path) as f:
+      rows = [line for line in f if line.strip()]
+    keep = []
+    for line in rows:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError):
+        pass  # a line cut short by a kill
+    cli.write_text(self._path, "".join(keep))
+    self._jsonl = open(self._path, "a")
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -9,8 +9,6 @@
 * ``jit_train_step`` jits a ``train_step`` step (pjit: explicit in/out shardings, the state
   donated) and runs it under the activation rules, so the models'
   ``nn.with_logical_constraint`` calls shard activations the same way as the weights.
-* ``generate`` runs the engine's own jitted decode on sharded prompts under the same rules and
-  lets GSPMD propagate shardings through the loop (prefill, draft, verify, caches).
 
 Sharded and single-device runs compute the same values (up to float reduction order):
 random numbers do not depend on the sharding (``jax_threefry_partitionable``, on by default).
@@ -28,9 +26,8 @@ import numpy as np
 from ppow_jax.data.pipeline import BATCH_KEYS
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ppow_jax import config_lib, sharding, train_step
+from ppow_jax import sharding, train_step
 from ppow_jax.drafters import Drafter
-from ppow_jax.engine import Engine, GenerateOutput
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama
 
@@ -94,10 +91,10 @@ class Parallel:
                config.sharding.drafter_params)
 
   @classmethod
-  def single_device(cls, config=None, device: Optional[Any] = None) -> "Parallel":
-    """A 1x1x1 mesh on one device with ``config``'s (default: the base config's) rules: the
-    same code path as a real mesh, every array whole on one device (tests, references)."""
-    config = config_lib.base_config() if config is None else config.copy_and_resolve_references()
+  def single_device(cls, config, device: Optional[Any] = None) -> "Parallel":
+    """A 1x1x1 mesh on one device with ``config``'s rules: the same code path as a real mesh,
+    every array whole on one device (tests, references)."""
+    config = config.copy_and_resolve_references()
     config.mesh.ici_shape = config.mesh.dcn_shape = (1,) * len(config.mesh.axes)
     return cls.from_config(config, [device or jax.devices()[0]])
 
@@ -211,29 +208,6 @@ class Parallel:
 
     step.jitted = jitted  # for .lower(...) / cost analysis
     return step
-
-  def generate(self, engine: Engine, target_params: Any, draft_params: Any, prompts_BxP: Any,
-               prompt_len_B: Any, rng: jax.Array) -> GenerateOutput:
-    """``engine.generate`` on the mesh: prompts split over the batch axes (the batch must
-    divide), params as placed, the rng replicated.
-
-    The engine's jitted decode is traced under the activation rules with sharded inputs, so
-    GSPMD propagates the rows' split through prefill, draft, verify and the KV caches. The
-    output is gathered to every device (a tiny [B, N] buffer and stats) so that
-    ``new_tokens()`` works on any host. Single-process only for now: ``Engine.generate`` checks
-    the prompt lengths on the host, which a multi-host global array does not allow.
-    """
-    placed = self.place_batch({"prompts": np.asarray(prompts_BxP, np.int32),
-                               "lens": np.asarray(prompt_len_B, np.int32)})
-    with self.activation_context():
-      out = engine.generate(target_params, draft_params, placed["prompts"], placed["lens"],
-                            self.place_replicated(rng))
-    return _gather(out, self.replicated)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _gather(tree: Any, replicated: NamedSharding) -> Any:
-  return jax.lax.with_sharding_constraint(tree, replicated)
 
 
 def batch_structure(rows: int, seq_len: int) -> dict:

@@ -8,7 +8,6 @@ so that acceptance lengths mean something; it is exported in Hugging Face layout
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -18,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppow_jax import cli, config_lib, datasets, engine, parallel, train_step, trainer
+from ppow_jax import (cli, datasets, engine, layout, parallel, settings, sharding, stages,
+                      train_step, trainer)
 from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
 from ppow_jax.models import gguf_convert, hf, llama
 
@@ -72,7 +73,7 @@ def sample_text(cfg: llama.ModelConfig, params, data: datasets.Data, prompt: str
   return prompt + info.decode(out.new_tokens()[0])
 
 
-def get_target(c, workdir: str, data: datasets.Data, train: bool,
+def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
                par: Optional[parallel.Parallel] = None) -> tuple[llama.ModelConfig, Any, dict]:
   """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
   if c.target.hf_dir:
@@ -80,43 +81,50 @@ def get_target(c, workdir: str, data: datasets.Data, train: bool,
                             param_dtype=c.target.param_dtype)
     hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
     return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), {"source": c.target.hf_dir}
-  out_dir = os.path.join(workdir, "target")
-  info_path = os.path.join(out_dir, "ppow_target_info.json")
-  if os.path.isfile(info_path):
+  out_dir = paths.export("target")
+  info = paths.read_info("target")
+  if info is not None:
     model, params = hf.load(out_dir)
-    with open(info_path) as f:
-      return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), json.load(f)
+    return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), info
   if not train:
-    raise FileNotFoundError(f"{out_dir} has no pretrained target; run the 'target' stage")
-  cfg = config_lib.embedded_target_config(c, data.tokenizer.vocab_size)
-  optimizer = train_step.make_optimizer(config_lib.optim_config(c.target.optim))
+    raise UserError(f"{out_dir} has no pretrained target; run the 'target' stage")
+  stage = stages.BY_NAME["target"]
+  recorded = stages.settings(c, "target")
+  if sharding.is_primary():
+    os.makedirs(paths.checkpoints("target"), exist_ok=True)
+    cli.write_json(paths.settings_file("target"), recorded)
+  cfg = settings.target_arch(c, data.tokenizer.vocab_size)
+  steps, batch, optim_node = stage.schedule(c)
+  optimizer = train_step.make_optimizer(settings.optim(optim_node))
   par = par or parallel.Parallel.single_device(c)
   params = par.place_target(cfg, llama.init_params(cfg, jax.random.PRNGKey(c.seed)))
   state = train_step.init_state(params, optimizer, par.place_replicated(
       jax.random.PRNGKey(c.seed + 1)))
   step, _ = _lm_step(cfg, optimizer)
-  batch = c.target.pretrain_batch_size
-  it = datasets.train_iterator(data, c.data.seq_len + 1, batch, c.seed)
+  it = datasets.train_iterator(data, c.data.seq_len + 1, batch, c.seed + stage.seed_offset)
   jitted = par.jit_train_step(step, state, None, None, parallel.batch_structure(
       batch // jax.process_count(), c.data.seq_len + 1))
-  writer = MetricWriter(os.path.join(workdir, "tensorboard", "target"))
-  loop = trainer.LoopConfig(c.target.pretrain_steps, c.checkpoint.save_every, c.log_every,
+  writer = MetricWriter(paths.tensorboard("target"))
+  loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep)
-  state = trainer.run("target", jitted, state, (None, None), it,
-                      os.path.join(workdir, "checkpoints", "target"), loop, writer)
+  totals = {}
+  state = trainer.run("target", jitted, state, (None, None), it, paths.checkpoints("target"),
+                      loop, writer, totals=totals)
   writer.close()
   loss = heldout_loss(cfg, state.params, data, c.data.seq_len + 1)
   sample = (sample_text(cfg, state.params, data, "def ", c.target.sample_tokens)
             if c.target.sample_tokens else "")
   info = {"source": "embedded", "params": llama.param_count(state.params),
           "heldout_loss_nats": loss, "heldout_perplexity": float(np.exp(loss)),
-          "sample": sample, "steps": c.target.pretrain_steps,
+          "sample": sample, "steps": steps, "train_seconds": totals["seconds"],
           "config": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_layers",
                                                   "num_heads", "num_kv_heads",
-                                                  "intermediate_size")}}
+                                                  "intermediate_size")},
+          "settings": recorded}
   logging.info("target: held-out loss %.3f nats; sample: %r", loss, sample)
-  if jax.process_index() == 0:
+  if sharding.is_primary():
     hf.save(out_dir, cfg, jax.device_get(state.params), overwrite=True)
     tokenizer_lib.save(data.tokenizer, out_dir)
-    cli.write_json(info_path, info)
+    layout.make_readable(out_dir)
+    cli.write_json(paths.info("target"), info)
   return cfg, state.params, info

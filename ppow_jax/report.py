@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ppow_jax import cli
+from ppow_jax import cli, layout
 
 
 def _table(rows: list[dict]) -> str:
@@ -32,7 +32,7 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _plots(workdir: str, rows: list[dict]) -> list[str]:
+def _plots(paths: layout.Layout, rows: list[dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -53,7 +53,7 @@ def _plots(workdir: str, rows: list[dict]) -> list[str]:
     ax.legend()
     ax.set_title("Acceptance length per drafter")
     fig.tight_layout()
-    path = os.path.join(workdir, "tau.png")
+    path = paths.path("tau.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
@@ -67,11 +67,11 @@ def _plots(workdir: str, rows: list[dict]) -> list[str]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(workdir, "alpha_by_position.png")
+    path = paths.path("alpha_by_position.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
-  curves = _read_jsonl(os.path.join(workdir, "tensorboard", "ppow", "metrics.jsonl"))
+  curves = _read_jsonl(paths.metrics("ppow"))
   if curves:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     steps = [m["step"] for m in curves]
@@ -80,19 +80,21 @@ def _plots(workdir: str, rows: list[dict]) -> list[str]:
       ax.set_xlabel("PPOW step")
       ax.set_title(key)
     fig.tight_layout()
-    path = os.path.join(workdir, "ppow_training.png")
+    path = paths.path("ppow_training.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
   return written
 
 
-def write(workdir: str, protocol: dict, hardware: dict, target: dict, rows: list[dict],
+def write(paths: layout.Layout, protocol: dict, hardware: dict, target: dict, rows: list[dict],
           training: dict[str, Any]) -> str:
+  """report.json, report.md and the plots; ``training``: each stage's info (its counts cover
+  every run of the stage, resumed ones included, and its ``settings``)."""
   report = {"protocol": protocol, "hardware": hardware, "target": target, "results": rows,
             "training": training}
-  cli.write_json(os.path.join(workdir, "report.json"), report)
-  plots = _plots(workdir, rows)
+  cli.write_json(paths.report_json, report)
+  plots = _plots(paths, rows)
   md = ["# ppow_jax run report", "",
         f"Target: {target.get('source')} ({target.get('params', '?')} parameters); held-out "
         f"loss {target.get('heldout_loss_nats', float('nan')):.3f} nats.", ""]
@@ -102,8 +104,8 @@ def write(workdir: str, protocol: dict, hardware: dict, target: dict, rows: list
          f"Hardware: {hardware.get('device_kind')} × {hardware.get('num_devices')}, "
          f"{hardware.get('cpu_count')} CPUs, load {hardware.get('load_average')}", "",
          _table(rows), ""]
-  for name, info in training.items():
-    md.append(f"- {name}: {json.dumps(info)}")
+  for name, info in training.items():  # the settings are in report.json
+    md.append(f"- {name}: {json.dumps({k: v for k, v in info.items() if k != 'settings'})}")
   md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-  cli.write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
-  return os.path.join(workdir, "report.md")
+  cli.write_text(paths.report_md, "\n".join(md) + "\n")
+  return paths.report_md

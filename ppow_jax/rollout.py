@@ -26,26 +26,27 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class PPOWConfig:
-  """PPOW's knobs (PROTOCOL.md). Built from ``config.ppow`` by ``ppow_jax.config_lib``."""
-  window: int = 10  # K: draft tokens per window.
-  group_size: int = 8  # G: windows sampled per start (advantages are standardised within).
-  starts_per_seq: int = 4  # windows starts chosen per training sequence.
-  gamma: float = 0.1  # drafter step cost / verification cost (speed reward).
-  speed_form: str = "committed_per_cost"  # or "paper_summary"
-  use_speed: bool = True  # ablation switch: Cost-Aware Speedup Reward.
-  use_prox: bool = True  # ablation switch: Distribution-Based Proximity Reward.
-  prox_form: str = "expected_length"  # or "indicator"
-  lambda_prox: float = 1.0  # weight of the proximity reward.
-  prox_eta: float = 1.0  # indicator form: reward value.
-  prox_eps: float = 1.0  # indicator form: threshold on the log-prob gap.
-  selection: str = "topk"  # ADAW selection: topk | softmax | uniform (ablation).
-  selection_temperature: float = 1.0  # softmax selection temperature τ_w.
-  clip_eps: float = 0.2  # PPO clip ε.
-  ratio: str = "token"  # token | geometric_mean (GTO-style).
-  omega: float = 0.5  # weight of the target-anchored token loss.
-  anchor_divergence: str = "forward_kl"  # divergence of the anchor term.
-  ppo_epochs: int = 2  # gradient steps per rollout (> 1 makes the clip matter).
-  adv_delta: float = 1e-6  # δ in A = (R - mean) / (std + δ).
+  """PPOW's knobs (PROTOCOL.md): ``settings.ppow(c, gamma)``, values from ``config.ppow``
+  (configs/common.py; no defaults here, so the config is their one source)."""
+  window: int  # K: draft tokens per window.
+  group_size: int  # G: windows sampled per start (advantages are standardised within).
+  starts_per_seq: int  # windows starts chosen per training sequence.
+  gamma: float  # drafter step cost / verification cost (speed reward).
+  speed_form: str  # or "paper_summary"
+  use_speed: bool  # ablation switch: Cost-Aware Speedup Reward.
+  use_prox: bool  # ablation switch: Distribution-Based Proximity Reward.
+  prox_form: str  # or "indicator"
+  lambda_prox: float  # weight of the proximity reward.
+  prox_eta: float  # indicator form: reward value.
+  prox_eps: float  # indicator form: threshold on the log-prob gap.
+  selection: str  # ADAW selection: topk | softmax | uniform (ablation).
+  selection_temperature: float  # softmax selection temperature τ_w.
+  clip_eps: float  # PPO clip ε.
+  ratio: str  # token | geometric_mean (GTO-style).
+  omega: float  # weight of the target-anchored token loss.
+  anchor_divergence: str  # divergence of the anchor term.
+  ppo_epochs: int  # gradient steps per rollout (> 1 makes the clip matter).
+  adv_delta: float  # δ in A = (R - mean) / (std + δ).
 
   def __post_init__(self):
     if self.window < 1:

@@ -1,98 +1,116 @@
-"""The whole mission as one library call: data, target, drafters, evaluation, report.
+"""The main job as one library call: data, target, drafters, evaluation, report.
 
-Resume order (big_vision's): a stage whose export exists is skipped; a stage with checkpoints
-resumes from them; otherwise it starts from its initialisation (PPOW and the continued
-control start from the baseline drafter).
+The stages and their order are ``stages.TABLE``; every path is ``layout.Layout``'s. Resume
+order (big_vision's): a stage whose export exists is skipped; a stage with checkpoints resumes
+from them; otherwise it starts from its initialisation (PPOW and the continued control start
+from the baseline drafter). Before any work: every setting is checked, the workdir is locked,
+and a stage whose recorded settings differ from the config stops the run (``--retrain``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import logging
 import jax
 
-from ppow_jax import (config_lib, datasets, drafter_stages, evaluate, parallel, pretrain,
-                      report)
+from ppow_jax import (datasets, drafter_stages, drafters, evaluate, gamma as gamma_lib, layout,
+                      parallel, pretrain, report, settings, sharding, stages, timing)
 from ppow_jax.errors import UserError
 
 
-def _measure_gamma(c, target_cfg, target_params, drafter, params) -> float:
+def _devices(c) -> list:
+  available = jax.devices()
+  if c.mesh.num_devices > len(available):
+    raise UserError(f"config.mesh.num_devices={c.mesh.num_devices}: only {len(available)} "
+                    f"devices are available")
+  return available if c.mesh.num_devices < 0 else available[:c.mesh.num_devices]
+
+
+def _gamma(c, target_cfg, target_params, drafter, params) -> float:
+  """The configured γ, or (``ppow.gamma = -1``) the one measured here for the PPOW window."""
   if c.ppow.gamma >= 0:
     return float(c.ppow.gamma)
-  from ppow_jax.bench import decode as bench_decode  # deferred: only when measuring
-  g = bench_decode.measure_gamma(target_cfg, target_params, drafter, params, c.ppow.window,
-                                 1, c.eval.prompt_len)
-  logging.info("measured gamma %.4f on %s", g["gamma"], jax.devices()[0].device_kind)
-  return float(g["gamma"])
+  g = gamma_lib.measure_gamma(target_cfg, target_params, drafter, params, c.ppow.window, 1,
+                              c.eval.prompt_len)["gamma"]
+  logging.info("measured gamma %.4f on %s", g, jax.devices()[0].device_kind)
+  return float(g)
 
 
-def run(c, workdir: str) -> str:
-  """Runs the configured stages into ``workdir``; returns the report path (or workdir)."""
-  config_lib.validate(c)
-  config_lib.check_runnable(c)
-  stages = config_lib.stages(c)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=1))
+def run(c, workdir: str, retrain: tuple[str, ...] = ()) -> str:
+  """Runs the configured stages into ``workdir``; returns the report path (or workdir).
+
+  ``retrain``: stages whose checkpoints, export and metrics are discarded first.
+  """
+  settings.validate(c)
+  settings.check_runnable(c)
+  bad = [s for s in retrain if s not in stages.NAMES or s == "eval"]
+  if bad:
+    raise UserError(f"--retrain: unknown stage {bad[0]!r}; expected some of "
+                    f"{stages.NAMES[:-1]}")
+  devices = _devices(c)
+  paths = layout.Layout(workdir)
+  primary = sharding.is_primary()
+  if primary:
+    paths.prepare()
+  with paths.lock(primary):
+    if primary:
+      for name in retrain:
+        paths.discard(name)
+      paths.remove_leftovers()
+    paths.check_settings(c, tuple(n for n in stages.NAMES[:-1] if n not in retrain))
+    if primary:
+      paths.append_history(c)
+    return _run(c, paths, devices)
+
+
+def _run(c, paths: layout.Layout, devices: list) -> str:
+  chosen = stages.chosen(c)
+  logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), devices)
   print(f"[data] {c.data.corpus or c.data.conversations or c.data.tfds_name}", flush=True)
-  data = datasets.load(c, workdir)
+  data = datasets.load(c, paths)
   print(f"[data] {data.description}: {len(data.train)} train / {len(data.heldout)} held-out "
         f"documents; vocab {data.tokenizer.vocab_size}", flush=True)
-  devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
   par = parallel.Parallel.from_config(c, devices)
-  target_cfg, target_params, target_info = pretrain.get_target(c, workdir, data,
-                                                               "target" in stages, par)
+  target_cfg, target_params, target_info = pretrain.get_target(c, paths, data,
+                                                               "target" in chosen, par)
   target_params = par.place_target(target_cfg, target_params)
   data = datasets.regenerate(c, data, target_cfg, target_params)
   drafter, init = drafter_stages.build_drafter(c, target_cfg, data)
   training = {}
-  drafter_names = []
-
-  base_dir = os.path.join(workdir, "drafters", "baseline")
-  if "baseline" in stages:
+  if "baseline" in chosen:
     init, training["baseline"] = drafter_stages.run_stage(
-        c, workdir, "baseline", target_cfg, target_params, drafter, init, data, 0.0, par)
-  elif os.path.isdir(base_dir):
-    drafter, init = drafter_stages.load_exported(base_dir, target_cfg)
-  if os.path.isdir(base_dir) or "baseline" in stages:
-    drafter_names.append("baseline")
-  gamma = _measure_gamma(c, target_cfg, target_params, drafter, init)
+        c, paths, "baseline", target_cfg, target_params, drafter, init, data, 0.0, par)
+  elif paths.done("baseline"):
+    drafter, init = drafters.load(paths.export("baseline"), target_cfg)
+  gamma = None
   for name in ("ppow", "continued"):
-    if name == "continued" and not c.continued.enabled:
-      continue
-    if name in stages:
-      _, training[name] = drafter_stages.run_stage(c, workdir, name, target_cfg, target_params,
+    if name in chosen and name in stages.trained(c):
+      if gamma is None:
+        gamma = _gamma(c, target_cfg, target_params, drafter, init)
+      _, training[name] = drafter_stages.run_stage(c, paths, name, target_cfg, target_params,
                                                    drafter, init, data, gamma, par)
-    if os.path.isdir(os.path.join(workdir, "drafters", name)):
-      drafter_names.append(name)
 
-  if "eval" not in stages:
-    return workdir
-  if not drafter_names:
-    raise UserError(f"{workdir}: no trained drafter to evaluate (run the drafter stages)")
-  evaluated = {n: drafter_stages.load_exported(os.path.join(workdir, "drafters", n), target_cfg)
-               for n in drafter_names}
-  for n in drafter_names:
-    info_path = os.path.join(workdir, "drafters", n, "ppow_stage_info.json")
-    if n not in training and os.path.isfile(info_path):
-      with open(info_path) as f:
-        training[n] = json.load(f)
+  if "eval" not in chosen:
+    return paths.root
+  names = [n for n in stages.trained(c) if paths.done(n) or n in training]
+  if not names:
+    raise UserError(f"{paths.root}: no trained drafter to evaluate (run the drafter stages)")
+  evaluated = {n: drafters.load(paths.export(n), target_cfg) for n in names}
+  for n in names:
+    training.setdefault(n, paths.read_info(n))
   prompts = datasets.eval_prompts(c, data)
   eos = (data.tokenizer.eos_id,) if (c.eval.eos and data.tokenizer.eos_id is not None) else ()
   rows = evaluate.evaluate(target_cfg, target_params, evaluated, prompts, c.eval.temperatures,
                            c.eval.batch_sizes, c.eval.window, c.eval.max_new_tokens,
                            c.eval.repeats, eos, c.seed)
+  ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
               "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",
               "window": c.eval.window, "max_new_tokens": c.eval.max_new_tokens,
               "num_prompts": len(prompts), "temperatures": list(c.eval.temperatures),
-              "batch_sizes": list(c.eval.batch_sizes), "gamma": gamma,
+              "batch_sizes": list(c.eval.batch_sizes), "gamma": ppow_gamma,
               "prompts": c.eval.prompts_file or "held-out split"}
-  if jax.process_index() != 0:
-    return workdir
-  path = report.write(workdir, protocol, evaluate.hardware(), target_info, rows, training)
+  if not sharding.is_primary():
+    return paths.root
+  path = report.write(paths, protocol, timing.machine_info(), target_info, rows, training)
   print(f"[report] {path}", flush=True)
   return path

@@ -192,11 +192,6 @@ def mesh_specs(abstract_boxed: Any, rules: Optional[Rules]) -> Any:
   return nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), rules)
 
 
-def logical_to_sharding(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
-  """Tree of ``NamedSharding`` s for boxed (abstract or real) parameters."""
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
-
-
 def spec_for(logical_axes: Sequence[Optional[str]], rules: Rules) -> P:
   """Mesh PartitionSpec of an array with the given logical axes (e.g. a batch or a cache)."""
   return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
@@ -222,24 +217,6 @@ def abstract_params(model_cfg) -> Any:
   return jax.eval_shape(lambda: init(jax.random.key(0)))  # the key is traced too
 
 
-def target_shardings(target_cfg: llama.ModelConfig, mesh: Mesh, rules: Rules
-                     ) -> tuple[Any, Any]:
-  """(abstract unboxed params, NamedShardings) of the frozen target."""
-  boxed = abstract_params(target_cfg)
-  return nn.unbox(boxed), logical_to_sharding(boxed, mesh, rules)
-
-
-def drafter_shardings(drafter_cfg, mesh: Mesh, rules: Rules, mode: str = "fsdp"
-                      ) -> tuple[Any, Any]:
-  """(abstract unboxed params, NamedShardings) of the drafter: the weight rules for
-  ``mode="fsdp"``, every array whole on every device for ``"replicated"``."""
-  if mode not in DRAFTER_PARAM_MODES:
-    raise UserError(f"sharding.drafter_params must be one of {DRAFTER_PARAM_MODES}, got {mode!r}")
-  boxed = abstract_params(drafter_cfg)
-  specs = mesh_specs(boxed, rules if mode == "fsdp" else None)
-  return nn.unbox(boxed), to_named(specs, mesh)
-
-
 def to_named(specs: Any, mesh: Mesh) -> Any:
   """Tree of PartitionSpecs -> tree of NamedShardings on ``mesh``."""
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
@@ -249,11 +226,6 @@ def to_named(specs: Any, mesh: Mesh) -> Any:
 def shard_params(params: Any, shardings: Any) -> Any:
   """Places existing (e.g. loaded) parameters on the mesh."""
   return jax.device_put(nn.unbox(params), shardings)
-
-
-def init_sharded(init: Callable, shardings: Any, rng: jax.Array) -> Any:
-  """Initialises directly into the shardings: no device ever holds the whole model."""
-  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
 def bytes_per_device(shape: Sequence[int], dtype, spec: P, axis_sizes: dict[str, int]) -> int:
@@ -286,10 +258,6 @@ def batch_spec(rules: Rules, ndim: int = 2) -> P:
   return spec_for(("batch",) + (None,) * (ndim - 1), rules)
 
 
-def data_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  return NamedSharding(mesh, batch_spec(rules, ndim))
-
-
 def global_batch(host_local_batch: Any, mesh: Mesh, spec: P) -> Any:
   """Builds global arrays from each host's rows (host i holds rows i*b/n .. (i+1)*b/n in the
   mesh's device order); every leaf is split along its first axis per ``spec``."""
@@ -297,12 +265,6 @@ def global_batch(host_local_batch: Any, mesh: Mesh, spec: P) -> Any:
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       host_local_batch)
-
-
-def cache_sharding(mesh: Mesh, rules: Rules) -> llama.KVCache:
-  """Shardings of a ``llama.KVCache`` (a pytree of the same structure), for ``jit``."""
-  kv = NamedSharding(mesh, spec_for(CACHE_AXES, rules))
-  return llama.KVCache(kv, kv, NamedSharding(mesh, spec_for(("batch",), rules)))
 
 
 @contextlib.contextmanager

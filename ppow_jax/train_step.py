@@ -25,21 +25,21 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  learning_rate: float = 3e-4  # peak learning rate.
-  warmup_steps: int = 20  # linear warmup from 0.
-  decay_steps: int = 1000  # cosine decay length after warmup (to end_lr_fraction * peak).
-  end_lr_fraction: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95  # EAGLE-3 uses (0.9, 0.95).
-  weight_decay: float = 0.0
-  grad_clip: float = 0.5  # global-norm clipping (EAGLE-3: 0.5).
+  learning_rate: float  # peak learning rate.
+  warmup_steps: int  # linear warmup from 0.
+  decay_steps: int  # cosine decay length after warmup (to end_lr_fraction * peak).
+  end_lr_fraction: float
+  b1: float
+  b2: float  # EAGLE-3 uses (0.9, 0.95).
+  weight_decay: float
+  grad_clip: float  # global-norm clipping (EAGLE-3: 0.5).
 
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-  divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tv | neg_log_alpha
-  ttt_steps: int = 7  # EAGLE-3 training-time-test unroll S (1 = plain teacher forcing).
-  step_decay: float = 0.8  # weight of unrolled step i is decay**i.
+  divergence: str  # forward_kl | reverse_kl | jsd | tv | neg_log_alpha
+  ttt_steps: int  # EAGLE-3 training-time-test unroll S (1 = plain teacher forcing).
+  step_decay: float  # weight of unrolled step i is decay**i.
 
   def __post_init__(self):
     divergences.get_divergence(self.divergence)

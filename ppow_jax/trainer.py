@@ -1,7 +1,9 @@
 """The training loop of one stage: resume, step, log, checkpoint, stop cleanly.
 
-* Resume: the newest committed checkpoint of the stage (state + data position) is restored,
-  so the same command continues an interrupted run and ends bit-identical on CPU.
+* Resume: the newest committed checkpoint of the stage (state + data position + running totals)
+  is restored, so the same command continues an interrupted run and ends bit-identical on CPU;
+  the metrics file forgets the steps after that checkpoint (they are trained again), so each
+  step appears once, and the totals count every step once.
 * The host never waits for the device inside the loop: step n+1 is dispatched before step
   n's metrics are read (nanodo's pattern).
 * A NaN/Inf in the loss stops the run with the step number; the state of that step is never
@@ -33,7 +35,7 @@ class LoopConfig:
   save_every: int = 50
   log_every: int = 10
   max_to_keep: int = 3
-  eval_every: int = 0  # steps between evaluations (best-by-τ checkpoint); 0 = never
+  eval_every: int = 0  # steps between held-out τ evaluations (logged as eval_tau); 0 = never
 
   def due(self, step_no: int) -> bool:
     """Whether step ``step_no``'s state is saved or evaluated (it must not be donated yet)."""
@@ -74,25 +76,31 @@ def _scalars(metrics: dict) -> dict:
 
 def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
         ckpt_dir: str, cfg: LoopConfig, writer: Optional[Any] = None,
-        on_metrics: Optional[Callable[[int, dict], None]] = None,
-        evaluate: Optional[Callable[[Any], float]] = None) -> Any:
+        evaluate: Optional[Callable[[Any], float]] = None,
+        totals: Optional[dict] = None) -> Any:
   """Run ``state, metrics = step_fn(state, *step_args, batch)`` until ``cfg.num_steps``.
 
   ``data`` is an iterator with ``get_state()``/``set_state()`` (JSON-serialisable).
-  ``evaluate(state) -> τ`` runs every ``cfg.eval_every`` steps and at the end; the best state
-  by that τ is kept in the checkpoint's ``best/`` manager. Returns the final state (saved).
+  ``evaluate(state) -> τ`` runs every ``cfg.eval_every`` steps and at the end (``eval_tau``).
+  ``totals`` (filled in): ``windows`` (the steps' ``windows`` metric summed) and ``seconds``
+  of training, over every run of this stage, resumed ones included. Returns the final state.
   """
   ckpt = Checkpointer(ckpt_dir, cfg.max_to_keep)
+  totals = {} if totals is None else totals
+  totals.update(windows=0.0, seconds=0.0)
   start = 0
-  last = ckpt.latest_step()
-  if last is not None:
-    state, data_state = ckpt.restore(state)
+  if ckpt.latest_step() is not None:
+    state, data_state, saved = ckpt.restore(state)
     data.set_state(data_state)
-    start = int(last)
+    totals.update(saved)
+    start = int(ckpt.latest_step())
     logging.info("[%s] resumed from step %d (%s)", name, start, ckpt_dir)
+  if writer is not None:
+    writer.rewind(start)  # rows of steps after the checkpoint are written again below
   if start >= cfg.num_steps:
     ckpt.close()
     return state
+  t_start, seconds_before = time.perf_counter(), totals["seconds"]
 
   pending = None  # (step number, metrics of that step, data state after it, state)
   t_last, steps_since = time.perf_counter(), 0
@@ -107,7 +115,10 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
           f"[{name}] loss is {loss} at step {step_no}; stopped. Last good checkpoint: step "
           f"{ckpt.latest_step()} in {ckpt_dir}")
     steps_since += 1
-    if step_no % cfg.log_every == 0 or step_no == cfg.num_steps:
+    last = step_no == cfg.num_steps
+    if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or last):
+      m["eval_tau"] = float(evaluate(new_state))  # in the step's own row: one row per step
+    if step_no % cfg.log_every == 0 or last or "eval_tau" in m:
       now = time.perf_counter()
       m["windows_per_s"] = m.get("windows", 0.0) * steps_since / max(now - t_last, 1e-9)
       t_last, steps_since = now, 0
@@ -117,18 +128,10 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
       print(f"[{name}] {step_no}/{cfg.num_steps} {shown}", file=sys.stderr, flush=True)
       if writer is not None:
         writer.write(step_no, m)
-    if on_metrics is not None:
-      on_metrics(step_no, m)
-    if force_save or step_no % cfg.save_every == 0 or step_no == cfg.num_steps:
-      ckpt.save(step_no, new_state, data_state, force=True)
-    if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or
-                                                     step_no == cfg.num_steps):
-      tau = float(evaluate(new_state))
-      print(f"[{name}] {step_no}/{cfg.num_steps} eval_tau={tau:.4f}", file=sys.stderr,
-            flush=True)
-      if writer is not None:
-        writer.write(step_no, {"eval_tau": tau})
-      ckpt.save_best(step_no, new_state, data_state, tau)
+    totals["windows"] += float(m.get("windows", 0.0))
+    totals["seconds"] = seconds_before + time.perf_counter() - t_start
+    if force_save or step_no % cfg.save_every == 0 or last:
+      ckpt.save(step_no, new_state, data_state, force=True, totals=dict(totals))
 
   # ``finally`` waits for an in-flight async save even when the loop dies (Ctrl-C, errors)
   with _Preemption() as preempt:

@@ -64,7 +64,7 @@ class LaunchTest(parameterized.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
 
   def test_tpu_pod_dry_run_prints_the_exact_commands(self):
-    proc, tmp = _run("tpu_pod.sh", TPU_ENV, "--config.train.batch_size=32")
+    proc, tmp = _run("tpu_pod.sh", TPU_ENV, "--config.ppow.batch_size=32")
     self.assertEqual(proc.returncode, 0, proc.stderr)
     lines = [shlex.split(line) for line in proc.stdout.splitlines()]
     where = ["--zone=us-east5-a", "--project=proj"]
@@ -91,10 +91,10 @@ class LaunchTest(parameterized.TestCase):
     self.assertEqual(train[3], "PPOW_DISTRIBUTED=1")
     self.assertEqual(_main_invocation(train), [
         "-m", "ppow_jax.main", f"--config={CONFIG}", "--workdir=gs://bucket/ppow/run 1",
-        "--config.train.batch_size=32"])
+        "--config.ppow.batch_size=32"])
 
   def test_gpu_slurm_dry_run_prints_the_exact_command(self):
-    proc, _ = _run("gpu_slurm.sbatch", GPU_ENV, "--config.train.seq_len=1024")
+    proc, _ = _run("gpu_slurm.sbatch", GPU_ENV, "--config.data.seq_len=1024")
     self.assertEqual(proc.returncode, 0, proc.stderr)
     lines = [shlex.split(line) for line in proc.stdout.splitlines()]
     self.assertLen(lines, 1, proc.stdout)
@@ -103,7 +103,7 @@ class LaunchTest(parameterized.TestCase):
     self.assertEqual(argv[4], os.path.join(REPO, ".venv", "bin", "python"))
     self.assertEqual(_main_invocation(argv), [
         "-m", "ppow_jax.main", f"--config={GPU_ENV['CONFIG']}", f"--workdir={GPU_ENV['WORKDIR']}",
-        "--config.train.seq_len=1024"])
+        "--config.data.seq_len=1024"])
 
   @parameterized.parameters(
       ("tpu_pod.sh", TPU_ENV, "ZONE"), ("tpu_pod.sh", TPU_ENV, "WORKDIR"),

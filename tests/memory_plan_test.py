@@ -1,6 +1,5 @@
 """Memory plan from abstract shapes, presets, and every shipped config (no devices needed)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,8 +7,9 @@ import sys
 import tempfile
 
 from absl.testing import absltest, parameterized
+import jax
 
-from ppow_jax import sharding
+from ppow_jax import cli, drafter_stages, settings, sharding
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, hf, presets
 from ppow_jax.tools import memory_plan
@@ -46,11 +46,7 @@ TINY_NAMES = sharding.logical_names(sharding.abstract_params(TINY)) | sharding.l
 
 
 def _config(name: str, arg: str = "tpu_v5p"):
-  path = os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return cli.load_config(os.path.join(REPO, "configs", f"{name}.py:{arg}"))
 
 
 class PresetsTest(parameterized.TestCase):
@@ -72,8 +68,8 @@ class ShippedConfigsTest(parameterized.TestCase):
   @parameterized.product(name=CONFIGS, arg=("tpu_v5p", "gpu_8xh100", "runlocal"))
   def test_config_loads_and_its_meshes_divide_the_model(self, name, arg):
     config = _config(name, arg)
-    target = presets.target_config(config)
-    drafter = presets.drafter_config(config, target)
+    target = settings.target_arch(config)
+    drafter = settings.drafter_arch(config, target)
     sharding.rules_from_config(config, TINY_NAMES)
     counts = {"tpu_v5p": (8, 16, 32) if "70b" in name else (4, 8, 16),
               "gpu_8xh100": (8, 16, 32), "runlocal": (1, 2)}[arg]
@@ -83,7 +79,8 @@ class ShippedConfigsTest(parameterized.TestCase):
       for dim in (target.num_kv_heads, target.num_heads, target.intermediate_size,
                   target.vocab_size, drafter.draft_vocab_size):
         self.assertEqual(dim % shape["tensor"], 0, f"{dim} over tensor {shape['tensor']}")
-      self.assertEqual(config.train.batch_size % (shape["data"] * shape["fsdp"]), 0)
+      for batch in (config.ppow.batch_size, config.baseline.batch_size):
+        self.assertEqual(batch % (shape["data"] * shape["fsdp"]), 0)
 
 
 class MemoryPlanTest(absltest.TestCase):
@@ -139,17 +136,32 @@ class MemoryPlanTest(absltest.TestCase):
     self.assertEqual(out["drafter_param_bytes_per_device"], 4 * out["drafter_params"])
     self.assertLess(out["target_param_bytes_per_device"], out["drafter_param_bytes_per_device"])
     config.drafter.preset = "qwen3-0.6b"
-    with self.assertRaisesRegex(UserError, "drafter.preset 'qwen3-0.6b' has vocab_size 151936"):
+    with self.assertRaisesRegex(UserError, "drafter.preset='qwen3-0.6b' has vocab_size 151936"):
       memory_plan.plan(config, num_devices=4)
-    config.drafter.preset = ""
-    with self.assertRaisesRegex(UserError, "drafter.preset is empty"):
-      memory_plan.plan(config, num_devices=4)
-    config.drafter.kind, config.drafter.draft_vocab_size = "eagle3", 0  # 0: the target's
-    self.assertEqual(presets.drafter_config(config, presets.target_config(config))
-                     .draft_vocab_size, presets.get_preset("tiny").vocab_size)
-    config.target.preset = ""
-    with self.assertRaisesRegex(UserError, "target.preset is empty"):
-      memory_plan.plan(config, num_devices=4)
+    config.drafter.preset = ""  # derived from the target, as training builds it
+    self.assertLess(memory_plan.plan(config, num_devices=4)["drafter_params"],
+                    out["drafter_params"])
+
+  def test_plans_the_drafter_training_builds(self):
+    """The default config (embedded target, EAGLE-3 drafter): the plan's drafter has exactly
+    the parameters ``drafter_stages.build_drafter`` initialises."""
+    config = _config("default", "smoke")
+    config.drafter.draft_vocab_size = 0
+    out = memory_plan.plan(config, num_devices=1)
+    target = settings.target_arch(config)
+    self.assertEqual(target.vocab_size, config.data.tokenizer_vocab_size)
+    _, params = drafter_stages.build_drafter(config, target, data=None)
+    self.assertEqual(out["drafter_params"], sum(x.size for x in jax.tree_util.tree_leaves(
+        params["net"])))
+    config.ppow.window += 4  # the run's own settings size the plan
+    self.assertGreater(memory_plan.plan(config, num_devices=1)["activation_bytes_per_device"],
+                       out["activation_bytes_per_device"])
+    config.eval.max_new_tokens *= 8
+    self.assertGreater(memory_plan.plan(config, num_devices=1)["breakdown_bytes_per_device"]
+                       ["kv_cache_decode"], out["breakdown_bytes_per_device"]["kv_cache_decode"])
+    config.target.hf_dir = "/somewhere"
+    with self.assertRaisesRegex(UserError, "config.target.preset: name the target"):
+      memory_plan.plan(config, num_devices=1)
 
   def test_uneven_shards_and_batches_are_user_errors(self):
     config = _config("llama31_8b_eagle3", "runlocal")
@@ -158,8 +170,8 @@ class MemoryPlanTest(absltest.TestCase):
                                 r"target parameter .* split over tensor \(3 shards\) and does"):
       memory_plan.plan(config, num_devices=3)
     config.mesh.ici_shape = (-1, 1, 1)
-    config.train.batch_size = 6
-    with self.assertRaisesRegex(UserError, r"train.batch_size=6 .* 4 shards"):
+    config.ppow.batch_size = 6
+    with self.assertRaisesRegex(UserError, r"config\.ppow\.batch_size=6 .* 4 shards"):
       memory_plan.plan(config, num_devices=4)
     self.assertEqual(memory_plan.plan(config, num_devices=2)["mesh_shape"]["data"], 2)
 

@@ -1,4 +1,4 @@
-"""Train steps and generation on a data 2 x fsdp 2 x tensor 2 mesh equal one device's."""
+"""Train steps on a data 2 x fsdp 2 x tensor 2 mesh equal one device's."""
 
 import dataclasses
 import os
@@ -13,11 +13,13 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from ppow_jax import config_lib, drafters, engine, parallel, rollout, sharding, train_step
+from ppow_jax import cli, drafters, parallel, settings, sharding, train_step
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama
 
 ENOUGH_DEVICES = jax.device_count() >= 8
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "default.py")
 NEED_8 = ("needs 8 devices: run under pytest (tests/conftest.py) or set "
           "XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
 
@@ -41,18 +43,22 @@ def _random_params(cfg, seed: int, std: float) -> dict:
 
 
 def _mesh_config():
-  c = config_lib.base_config()
+  c = cli.load_config(BASE)
   c.mesh.ici_shape = (2, 2, 2)
   c.sharding.drafter_params = "fsdp"
   return c
 
 
-def _assert_trees_close(test, got, want, atol=1e-5):
+def _assert_trees_close(test, got, want, rtol=1e-4):
+  """Relative to each array's magnitude: float32 sums in another order differ in the last
+  bits, whatever the size of the numbers."""
   flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
   flat_want = jax.tree_util.tree_leaves(want)
   test.assertLen(flat_got, len(flat_want))
   for (path, g), w in zip(flat_got, flat_want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0,
+    w = np.asarray(w)
+    scale = float(np.abs(w).max()) if w.size else 0.0
+    np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=rtol * 1e-2 * scale,
                                err_msg=jax.tree_util.keystr(path))
 
 
@@ -64,7 +70,7 @@ class ParallelTest(absltest.TestCase):
     super().setUpClass()
     fast = {"compiler_options": {"xla_backend_optimization_level": 0}}  # ~3x faster compiles
     cls.par = dataclasses.replace(parallel.Parallel.from_config(_mesh_config()), **fast)
-    cls.one = dataclasses.replace(parallel.Parallel.single_device(), **fast)
+    cls.one = dataclasses.replace(parallel.Parallel.single_device(_mesh_config()), **fast)
     cls.target = _random_params(TARGET, 0, 0.3)
     cls.net = _random_params(DRAFT_CFG, 1, 0.1)
     counts = np.random.default_rng(2).integers(0, 100, TARGET.vocab_size)
@@ -91,7 +97,7 @@ class ParallelTest(absltest.TestCase):
     want_state, want = self._step_on(self.one, make_step, cfg)
     got_state, got = self._step_on(self.par, make_step, cfg)
     self.assertGreater(float(got["loss"]), 0.0)
-    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
     _assert_trees_close(self, got_state.params, want_state.params)
     _assert_trees_close(self, got_state.opt_state, want_state.opt_state)
     moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
@@ -106,33 +112,16 @@ class ParallelTest(absltest.TestCase):
     return got
 
   def test_baseline_step_matches_one_device(self):
-    self._check_same_step(train_step.make_baseline_step, train_step.BaselineConfig(ttt_steps=2))
+    c = _mesh_config()
+    c.baseline.ttt_steps = 2
+    self._check_same_step(train_step.make_baseline_step, settings.baseline(c))
 
   def test_ppow_step_matches_one_device(self):
     got = self._check_same_step(
         train_step.make_ppow_step,
-        rollout.PPOWConfig(window=3, group_size=2, starts_per_seq=2, gamma=0.1))
+        settings.ppow(cli.load_config(BASE, [("ppow.window", "3"), ("ppow.group_size", "2"),
+                                             ("ppow.starts_per_seq", "2")]), gamma=0.1))
     self.assertEqual(got["accepted_hist"].shape, (4,))
-
-  def test_greedy_generation_matches_one_device(self):
-    prompts = np.random.default_rng(5).integers(0, TARGET.vocab_size, (4, 8)).astype(np.int32)
-    lens = np.array([8, 3, 5, 1], np.int32)
-    decode = engine.DecodeConfig(window=3, temperature=0.0, max_new_tokens=6)
-    target = self.par.place_target(TARGET, self.target)
-    state = self.par.place_train_state(DRAFTER, self.state)
-    draft = train_step.join_params(DRAFTER, state.params, self.par.place_replicated(self.vocab))
-    host_draft = {"net": self.net, "vocab": self.vocab}
-    tokens = {}
-    for drafter in (None, DRAFTER):
-      with self.subTest("speculative" if drafter else "autoregressive"):
-        eng = engine.Engine(TARGET, drafter, decode)
-        want = eng.generate(self.target, host_draft, prompts, lens, jax.random.key(6))
-        got = self.par.generate(eng, target, draft, prompts, lens, jax.random.key(6))
-        self.assertEqual(got.new_tokens(), want.new_tokens())
-        self.assertEqual([len(t) for t in got.new_tokens()], [6] * 4)
-        _assert_trees_close(self, got.stats, want.stats)
-        tokens[drafter is None] = got.new_tokens()
-    self.assertEqual(tokens[False], tokens[True])  # greedy speculative decoding is lossless
 
   def test_target_is_sharded(self):
     target = self.par.place_target(TARGET, self.target)

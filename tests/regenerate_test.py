@@ -7,10 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl.testing import absltest
 import jax
 
-from ppow_jax import config_lib, datasets, engine
+from ppow_jax import cli, datasets, engine
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "default.py")
 
 
 def _conversation(i):
@@ -27,7 +30,7 @@ class RegenerateTest(absltest.TestCase):
                             num_layers=1, num_heads=2, num_kv_heads=1,
                             max_position_embeddings=256, initializer_range=0.5)
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
-    c = config_lib.base_config()
+    c = cli.load_config(BASE)
     c.data.regenerate = True
     c.data.regenerate_max_new_tokens = 6
     data = datasets.Data([_conversation(i) for i in range(3)], [], tok, "conversations", "t")
@@ -46,7 +49,7 @@ class RegenerateTest(absltest.TestCase):
       self.assertNotEqual(turns[1][1], "a human answer")
 
   def test_text_corpus_is_refused(self):
-    c = config_lib.base_config()
+    c = cli.load_config(BASE)
     c.data.regenerate = True
     data = datasets.Data(["x"], [], None, "text", "corpus")
     with self.assertRaisesRegex(UserError, "config.data.regenerate needs conversation data"):

@@ -1,5 +1,6 @@
 """Training: PPOW raises acceptance, resume is bit-identical, NaN stops cleanly, bad configs fail."""
 
+import json
 import os
 import signal
 import tempfile
@@ -11,12 +12,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import config_lib, drafters, rollout, teacher_forcing, train_step, trainer
+from ppow_jax import cli, drafters, rollout, settings, teacher_forcing, train_step, trainer
+from ppow_jax.checkpoint import Checkpointer
 from ppow_jax.data import pipeline
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama
 from ppow_jax import pretrain
+
+from ppow_jax.metric_writer import MetricWriter
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "default.py")
+
+
+def _optim(**overrides) -> train_step.OptimConfig:
+  """The base config's optimizer settings with ``overrides`` (the config is their one source)."""
+  return settings.optim(cli.load_config(BASE, [(f"ppow.optim.{k}", str(v))
+                                               for k, v in overrides.items()]).ppow.optim)
+
+
+def _ppow(**overrides) -> rollout.PPOWConfig:
+  return settings.ppow(cli.load_config(BASE, [(f"ppow.{k}", str(v))
+                                              for k, v in overrides.items()]), gamma=0.1)
 
 
 class PPOWImprovesAcceptanceTest(absltest.TestCase):
@@ -31,14 +49,13 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     dr = drafters.Eagle3FeatureDrafter.create(ecfg, tc)
     net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2))
     vocab = eagle3.identity_draft_vocab(32)
-    opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2, warmup_steps=1,
-                                                           decay_steps=1000))
+    opt = train_step.make_optimizer(_optim(learning_rate=1e-2, warmup_steps=1, decay_steps=1000))
     state = train_step.init_state(net, opt, jax.random.PRNGKey(5))
     toks = jax.random.randint(jax.random.PRNGKey(1), (4, 24), 0, 32)
     batch = {"tokens_BxT": toks, "loss_mask_BxT": jnp.ones_like(toks)}
     # omega=0: no token-level anchor, so any gain comes from the windowed reward alone
-    cfg = rollout.PPOWConfig(window=4, group_size=8, starts_per_seq=4, omega=0.0, ppo_epochs=2,
-                             selection="uniform")
+    cfg = _ppow(window=4, group_size=8, starts_per_seq=4, omega=0.0, ppo_epochs=2,
+                selection="uniform")
 
     @jax.jit
     def expected_tau(net_params):
@@ -64,7 +81,7 @@ def _tiny_lm_setup():
   tok = tokenizer_lib.train_bpe(texts, 300)
   cfg = llama.ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1,
                           num_heads=2, num_kv_heads=1)
-  opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2, warmup_steps=2))
+  opt = train_step.make_optimizer(_optim(learning_rate=1e-2, warmup_steps=2, decay_steps=1000))
   step, _ = pretrain._lm_step(cfg, opt)
   return texts, tok, cfg, opt, jax.jit(step)
 
@@ -78,13 +95,23 @@ class ResumeTest(absltest.TestCase):
     cls.texts, cls.tok, cls.cfg, cls.opt, step = _tiny_lm_setup()
     cls.step = staticmethod(step)
 
-  def _run(self, workdir, step_fn, num_steps=6):
-    state = train_step.init_state(llama.init_params(self.cfg, jax.random.PRNGKey(0)), self.opt,
-                                  jax.random.PRNGKey(1))
+  def _initial_state(self):
+    return train_step.init_state(llama.init_params(self.cfg, jax.random.PRNGKey(0)), self.opt,
+                                 jax.random.PRNGKey(1))
+
+  def _run(self, workdir, step_fn, num_steps=6, totals=None):
     it = pipeline.make_train_iterator(self.texts, self.tok, 17, 2, seed=3, num_threads=0)
-    loop = trainer.LoopConfig(num_steps=num_steps, save_every=2, log_every=100)
-    return trainer.run("t", step_fn, state, (None, None), it, os.path.join(workdir, "ckpt"),
-                       loop)
+    loop = trainer.LoopConfig(num_steps=num_steps, save_every=2, log_every=1)
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    try:
+      return trainer.run("t", step_fn, self._initial_state(), (None, None), it,
+                         os.path.join(workdir, "ckpt"), loop, writer, totals=totals)
+    finally:
+      writer.close()
+
+  def _logged_steps(self, workdir):
+    with open(os.path.join(workdir, "tb", "metrics.jsonl")) as f:
+      return [json.loads(line)["step"] for line in f]
 
   def _assert_same(self, a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -103,9 +130,15 @@ class ResumeTest(absltest.TestCase):
 
       with self.assertRaises(KeyboardInterrupt):
         self._run(os.path.join(d, "kill"), dies_at_5)
-      resumed = self._run(os.path.join(d, "kill"), self.step)
+      self.assertEqual(self._logged_steps(os.path.join(d, "kill")), [1, 2, 3, 4])
+      totals = {}
+      resumed = self._run(os.path.join(d, "kill"), self.step, totals=totals)
       self._assert_same(reference.params, resumed.params)
       self._assert_same(reference.opt_state, resumed.opt_state)
+      # each step once in the metrics, and counted once in the totals (2 x 17 tokens a step)
+      self.assertEqual(self._logged_steps(os.path.join(d, "kill")), [1, 2, 3, 4, 5, 6])
+      self.assertEqual(totals["windows"], 6 * 2 * 17)
+      self.assertGreater(totals["seconds"], 0.0)
 
       sent = {"n": 0}
 
@@ -121,6 +154,44 @@ class ResumeTest(absltest.TestCase):
       resumed = self._run(os.path.join(d, "term"), self.step)
       self._assert_same(reference.params, resumed.params)
 
+  def test_metrics_rewind_to_the_resumed_step(self):
+    with tempfile.TemporaryDirectory() as d:
+      writer = MetricWriter(d)
+      for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+      writer.close()
+      with open(os.path.join(d, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 6, "lo')  # cut short by a kill
+      writer = MetricWriter(d)
+      writer.rewind(3)
+      writer.write(4, {"loss": 40.0})
+      writer.close()
+      with open(os.path.join(d, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+      self.assertEqual([(r["step"], r["loss"]) for r in rows],
+                       [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)])
+
+  def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(self):
+    with tempfile.TemporaryDirectory() as d:
+      self._run(d, self.step)
+      ckpt_dir = os.path.join(d, "ckpt")
+      self.assertEqual(Checkpointer(ckpt_dir).latest_step(), 6)
+      damaged = []
+      for step in (6, 4):
+        for root, _, files in os.walk(os.path.join(ckpt_dir, "latest", str(step), "state")):
+          for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+              f.write(b"garbage")
+        damaged.append(step)
+        if step == 6:
+          _, data_state, totals = Checkpointer(ckpt_dir).restore(self._initial_state())
+          self.assertEqual(Checkpointer(ckpt_dir).latest_step(), 4)  # 6 was dropped
+          self.assertEqual(totals["windows"], 4 * 2 * 17)
+      with open(os.path.join(ckpt_dir, "latest", "2", "state", "_METADATA"), "wb") as f:
+        f.write(b"garbage")
+      with self.assertRaisesRegex(UserError, r"ckpt: no checkpoint reads back \(step 4: "):
+        Checkpointer(ckpt_dir).restore(self._initial_state())
+
   def test_nan_stops_with_step_and_keeps_last_good_checkpoint(self):
     with tempfile.TemporaryDirectory() as d:
       calls = {"n": 0}
@@ -135,33 +206,34 @@ class ResumeTest(absltest.TestCase):
       with self.assertRaisesRegex(trainer.NonFiniteError,
                                   r"loss is nan at step 4.*Last good checkpoint: step 2"):
         self._run(d, nan_at_4)
-      from ppow_jax.checkpoint import Checkpointer
       self.assertEqual(Checkpointer(os.path.join(d, "ckpt")).latest_step(), 2)
 
 
 class ConfigValidationTest(absltest.TestCase):
 
   def test_ppow_config_rejects_bad_fields(self):
+    import dataclasses
+    cfg = _ppow()
     with self.assertRaisesRegex(UserError, "ppow.group_size must be >= 2"):
-      rollout.PPOWConfig(group_size=1)
+      dataclasses.replace(cfg, group_size=1)
     with self.assertRaisesRegex(UserError, "ppow.window must be >= 1"):
-      rollout.PPOWConfig(window=0)
+      dataclasses.replace(cfg, window=0)
     with self.assertRaisesRegex(UserError, "use_speed and ppow.use_prox are both False"):
-      rollout.PPOWConfig(use_speed=False, use_prox=False)
+      dataclasses.replace(cfg, use_speed=False, use_prox=False)
 
   def test_run_config_cross_field_checks(self):
-    c = config_lib.base_config()
+    c = cli.load_config(BASE)
     c.ppow.starts_per_seq = 500
     with self.assertRaisesRegex(UserError, "config.ppow.starts_per_seq=500"):
-      config_lib.validate(c)
-    c = config_lib.base_config()
+      settings.validate(c)
+    c = cli.load_config(BASE)
     c.stages = "target,bogus"
     with self.assertRaisesRegex(UserError, "unknown stage 'bogus'"):
-      config_lib.validate(c)
-    c = config_lib.base_config()
+      settings.validate(c)
+    c = cli.load_config(BASE)
     c.ppow.group_size = 1
     with self.assertRaisesRegex(UserError, "group_size"):
-      config_lib.validate(c)
+      settings.validate(c)
 
 
 if __name__ == "__main__":

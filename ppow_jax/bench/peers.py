@@ -19,9 +19,6 @@ for every engine; llama.cpp's own decode-only rate is reported beside it.
   for the target's AR rate. llama.cpp prints text, not ids: with the synthetic pair's
   one-character tokenizer the text maps back to ids exactly. It may overshoot ``-n`` by up to
   K tokens, so outputs are compared on their common prefix.
-
-Shared flags (``--window --max_new_tokens --prompt --output_json --repeats``) are those of
-``ppow_jax.generate`` / ``ppow_jax.bench.decode``.
 """
 
 from __future__ import annotations
@@ -34,21 +31,30 @@ import sys
 import time
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
-from ppow_jax import cli, drafters, engine
-from ppow_jax.bench import decode
+from ppow_jax import cli, drafters, engine, timing
 from ppow_jax.errors import UserError
 from ppow_jax.models import hf
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pair_dir", None, "Directory with target/ and drafter/ (HF layout).")
-flags.DEFINE_string("llamacpp_bin", None, "Path to llama.cpp's llama-speculative-simple "
-                    "(built by ../shared/tools/llamacpp_peer.sh); omit to skip llama.cpp.")
-flags.DEFINE_integer("threads", 0, "CPU threads for torch and llama.cpp (0: all cores).")
-flags.DEFINE_boolean("skip_hf", False, "Skip the Hugging Face peer.")
+
+
+def define_flags() -> None:
+  """This tool's flags (defined when it runs, so that importing it defines none)."""
+  flags.DEFINE_string("pair_dir", None, "Directory with target/ and drafter/ (HF layout).")
+  flags.DEFINE_string("llamacpp_bin", None, "Path to llama.cpp's llama-speculative-simple "
+                      "(built by ../shared/tools/llamacpp_peer.sh); omit to skip llama.cpp.")
+  flags.DEFINE_integer("threads", 0, "CPU threads for torch and llama.cpp (0: all cores).")
+  flags.DEFINE_boolean("skip_hf", False, "Skip the Hugging Face peer.")
+  flags.DEFINE_integer("window", 5, "K: draft tokens per verification.")
+  flags.DEFINE_integer("max_new_tokens", 128, "New tokens per generation.")
+  flags.DEFINE_string("prompt", None, "Prompt text (default: a short Python snippet).")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per engine and mode (after one warm-up).")
+  flags.DEFINE_string("output_json", None, "Write the numbers here.")
+
 
 DEFAULT_PROMPT = ("def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + "
                   "fibonacci(n - 2) # print the first ten numbers")
@@ -276,23 +282,16 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
   if llamacpp_bin:
     peers["llamacpp"] = _LlamaCpp(llamacpp_bin, pair_dir, window, max_new, text, prompt, threads,
                                   tok)
-  secs = {(p, m): [] for p in peers for m in ("ar", "spec")}
-  for r in range(repeats + 1):  # the first round compiles / warms up and is not timed
-    for p, peer in peers.items():
-      for m in (("ar", "spec") if r % 2 == 0 else ("spec", "ar")):
-        t0 = time.perf_counter()
-        peer.run(m)
-        if r > 0:
-          secs[(p, m)].append(time.perf_counter() - t0)
-    if r == 0 and "llamacpp" in peers:
-      peers["llamacpp"].runs.clear()  # keep only timed runs
-  med = lambda p, m: float(np.median(secs[(p, m)]))
+  timed = timing.interleaved({f"{p}/{m}": (lambda peer=peer, m=m: peer.run(m))
+                              for p, peer in peers.items() for m in ("ar", "spec")},
+                             repeats, alternate=True)
+  med = lambda p, m: timed.median(f"{p}/{m}")
   ours = peers["ours"]
   o_stats = ours.out["spec"].stats.summary()
   result = {
       "pair_dir": os.path.abspath(pair_dir), "window": window, "max_new_tokens": max_new,
       "prompt": text, "prompt_ids": prompt, "repeats": repeats, "threads": threads,
-      "machine": decode.machine_info(), "load_avg_start_1_5_15": load_start,
+      "machine": timing.machine_info(), "load_avg_start_1_5_15": load_start,
       "ours": {"spec_tokens_per_s": max_new / med("ours", "spec"),
                "ar_tokens_per_s": max_new / med("ours", "ar"),
                "tau": o_stats["tau"], "verify_calls": o_stats["verify_calls"],
@@ -311,11 +310,11 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
     result["ours_over_hf"] = ours_tps / result["hf"]["spec_tokens_per_s"]
   if "llamacpp" in peers:
     lc = peers["llamacpp"]
-    spec_runs = [r for r in lc.runs if "n_predict" in r]
+    spec_runs = [r for r in lc.runs if "n_predict" in r][1:]  # the first one warms up
     n = [r["n_predict"] for r in spec_runs]
     e2e = float(np.median([r["n_predict"] / (r["encode_s"] + r["decode_s"]) for r in spec_runs]))
     dec = float(np.median([r["n_predict"] / r["decode_s"] for r in spec_runs]))
-    ar = [r["ar_tokens_per_s"] for r in lc.runs if "ar_tokens_per_s" in r]
+    ar = [r["ar_tokens_per_s"] for r in lc.runs if "ar_tokens_per_s" in r][1:]
     last = spec_runs[-1]
     lc_tokens = lc.tokens()
     result["llamacpp"] = {
@@ -360,7 +359,9 @@ def format_table(r: dict) -> str:
   return "\n".join(lines)
 
 
-def run(argv_unused=None) -> dict:
+def run(argv) -> dict:
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.pair_dir:
     raise UserError("--pair_dir is required (write one with ppow_jax.bench.decode --save_pair)")
   threads = FLAGS.threads or os.cpu_count()
@@ -375,4 +376,5 @@ def run(argv_unused=None) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for(run))
+  define_flags()
+  cli.run_main(run)

@@ -5,82 +5,75 @@ r"""Cost of a PPOW step vs a token-level baseline step, side by side, per window
 Uses the run's target (pretrained by the demo, or ``config.target.hf_dir``) and a fresh drafter
 of the configured kind; both steps see the same batches. A "window" is one drafted window of
 K tokens for PPOW (B·S·G per step) and one training position for the baseline (every position
-starts a TTT chain: B·T per step). Reports steps/s and windows/s (median of interleaved runs).
+starts a TTT chain: B·T per step). Reports steps/s and windows/s (median of interleaved runs,
+``ppow_jax/timing.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 
-from absl import app, flags
+from absl import flags
 import jax
-import numpy as np
-from ml_collections import config_flags
 
-from ppow_jax import config_lib, datasets, drafter_stages, pretrain, train_step
+from ppow_jax import cli, datasets, drafter_stages, layout, pretrain, settings, timing, train_step
+from ppow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config.", lock_config=True)
-flags.DEFINE_string("workdir", "workdir/default", "Run directory holding the target.")
-flags.DEFINE_integer("repeats", 5, "Timed steps of each kind (interleaved).")
-flags.DEFINE_string("output_json", None, "Write the numbers here.")
+
+
+def define_flags() -> None:
+  """This tool's flags (defined when it runs, so that importing it defines none)."""
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", "workdir/default", "Run directory holding the target.")
+  flags.DEFINE_integer("repeats", 5, "Timed steps of each kind (interleaved).")
+  flags.DEFINE_string("output_json", None, "Write the numbers here.")
 
 
 def measure(c, workdir: str, repeats: int) -> dict:
-  data = datasets.load(c, workdir)
-  tcfg, tparams, _ = pretrain.get_target(c, workdir, data, train=False)
+  settings.validate(c)
+  paths = layout.Layout(workdir)
+  data = datasets.load(c, paths)
+  tcfg, tparams, _ = pretrain.get_target(c, paths, data, train=False)
   drafter, init = drafter_stages.build_drafter(c, tcfg, data)
   trainable, constants = train_step.split_params(drafter, init)
-  opt = train_step.make_optimizer(config_lib.optim_config(c.baseline.optim))
+  opt = train_step.make_optimizer(settings.optim(c.baseline.optim))
   state = train_step.init_state(trainable, opt, jax.random.PRNGKey(0))
   steps = {
-      "baseline": (jax.jit(train_step.make_baseline_step(tcfg, drafter,
-                                                         config_lib.baseline_config(c), opt)),
-                   c.baseline.batch_size),
+      "baseline": (jax.jit(train_step.make_baseline_step(tcfg, drafter, settings.baseline(c),
+                                                         opt)), c.baseline.batch_size),
       "ppow": (jax.jit(train_step.make_ppow_step(tcfg, drafter,
-                                                 config_lib.ppow_config(c, c.ppow.gamma), opt)),
+                                                 settings.ppow(c, max(c.ppow.gamma, 0.0)), opt)),
                c.ppow.batch_size),
   }
   batches = {name: next(datasets.train_iterator(data, c.data.seq_len, b, 0))
              for name, (_, b) in steps.items()}
-  times = {name: [] for name in steps}
-  windows = {}
-  for name, (fn, _) in steps.items():  # compile
-    _, m = fn(state, tparams, constants, batches[name])
-    windows[name] = float(m["windows"])
-  for _ in range(repeats):
-    for name, (fn, _) in steps.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(state, tparams, constants, batches[name]))
-      times[name].append(time.perf_counter() - t0)
+  timed = timing.interleaved(
+      {name: (lambda fn=fn, name=name: fn(state, tparams, constants, batches[name]))
+       for name, (fn, _) in steps.items()}, repeats)
   out = {}
   for name in steps:
-    sec = float(np.median(times[name]))
-    out[name] = {"seconds_per_step": sec, "windows_per_step": windows[name],
-                 "windows_per_s": windows[name] / sec, "seconds_all": times[name]}
+    sec, windows = timed.median(name), float(timed.first[name][1]["windows"])
+    out[name] = {"seconds_per_step": sec, "windows_per_step": windows,
+                 "windows_per_s": windows / sec, "seconds_all": timed.seconds[name]}
   out["ppow_over_baseline_seconds_per_window"] = (
       out["ppow"]["seconds_per_step"] / out["ppow"]["windows_per_step"]) / (
       out["baseline"]["seconds_per_step"] / out["baseline"]["windows_per_step"])
-  out["machine"] = {"device": jax.devices()[0].device_kind,
-                    "load_average": list(os.getloadavg())}
+  out["machine"] = timing.machine_info()
   return out
 
 
-def main(argv):
-  del argv
-  result = measure(FLAGS.config, FLAGS.workdir, FLAGS.repeats)
+def run(argv) -> None:
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.repeats < 1:
+    raise UserError(f"--repeats must be >= 1, got {FLAGS.repeats}")
+  result = measure(cli.config_from_flags(), FLAGS.workdir, FLAGS.repeats)
   print(json.dumps(result, indent=1))
   if FLAGS.output_json:
-    with open(FLAGS.output_json, "w") as f:
-      json.dump(result, f, indent=1)
+    cli.write_json(FLAGS.output_json, result)
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  define_flags()
+  cli.run_main(run)

@@ -9,10 +9,9 @@ Dtypes default to float32 here; a run config picks them (``get_preset(name, dtyp
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, llama
+from ppow_jax.models import llama
 
 _LLAMA31_ROPE = llama.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                   original_max_position_embeddings=8192)
@@ -51,50 +50,9 @@ PRESETS: dict[str, llama.ModelConfig] = {
         max_position_embeddings=512),
 }
 
-DRAFTER_KINDS = ("eagle3", "lm")
-
-DrafterConfig = Union[eagle3.Eagle3Config, llama.ModelConfig]
-
 
 def get_preset(name: str, **overrides) -> llama.ModelConfig:
   """The preset ``name``, with ``ModelConfig`` fields replaced (e.g. ``dtype="bfloat16"``)."""
   if name not in PRESETS:
     raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
   return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def target_config(config) -> llama.ModelConfig:
-  """The target architecture of a run config (``config.target``)."""
-  t = config.target
-  if not t.preset:
-    raise UserError(f"target.preset is empty: name the target's architecture (one of "
-                    f"{', '.join(sorted(PRESETS))})")
-  return get_preset(t.preset, dtype=t.dtype, param_dtype=t.param_dtype)
-
-
-def drafter_config(config, target_cfg: llama.ModelConfig) -> DrafterConfig:
-  """The drafter architecture of a run config (``config.drafter``).
-
-  ``eagle3``: one layer shaped like the target's (EAGLE-3's default), with the reduced draft
-  vocab (``draft_vocab_size`` 0: the target's); ``lm``: the independent small LM named by
-  ``drafter.preset``, which must share the target's vocabulary.
-  """
-  d = config.drafter
-  if d.kind == "eagle3":
-    try:
-      return eagle3.Eagle3Config.from_target(
-          target_cfg, d.draft_vocab_size or target_cfg.vocab_size, dtype=d.dtype,
-          param_dtype=d.param_dtype)
-    except ValueError as e:
-      raise UserError(f"drafter (kind eagle3, target {config.target.preset!r}): {e}") from None
-  if d.kind == "lm":
-    if not d.preset:
-      raise UserError(f"drafter.preset is empty: kind 'lm' needs the drafter's architecture "
-                      f"(one of {', '.join(sorted(PRESETS))})")
-    cfg = get_preset(d.preset, dtype=d.dtype, param_dtype=d.param_dtype)
-    if cfg.vocab_size != target_cfg.vocab_size:
-      raise UserError(f"drafter.preset {d.preset!r} has vocab_size {cfg.vocab_size}, but the "
-                      f"target's is {target_cfg.vocab_size}: an LM drafter must share the "
-                      f"target's tokenizer")
-    return cfg
-  raise UserError(f"drafter.kind must be one of {DRAFTER_KINDS}, got {d.kind!r}")

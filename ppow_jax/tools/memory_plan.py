@@ -8,9 +8,10 @@ from ``jax.eval_shape`` of the models' init, their shardings from the config's r
 array's per-device bytes from its PartitionSpec and the mesh shape built from
 ``mesh.ici_shape`` x ``mesh.dcn_shape`` on ``--num_devices`` (ceil(dim / shards) per dim).
 
-What is counted (B = train.batch_size, T = train.seq_len, G = ppow.group_size,
-K = ppow.window, V = target vocab, H heads, E hidden, M mlp width; each term is then split by
-the activation rules' shards of its axes):
+Every size is the run's own setting (B = ppow.batch_size, T = data.seq_len, G = ppow.group_size,
+K = ppow.window; V = target vocab, H heads, E hidden, M mlp width), and the drafter is built by
+``settings.drafter_arch``, the function training uses. Each term is split by the activation
+rules' shards of its axes:
 
 * target params (frozen, ``target.param_dtype``; no gradients, no optimizer state);
 * drafter params (``drafter.param_dtype``) and AdamW state: mu and nu in float32 with the
@@ -18,8 +19,8 @@ the activation rules' shards of its axes):
 * KV caches, the larger of
   - training rollouts: target and drafter caches of G*B rows x (T + K + 1) slots (the prefix
     cache tiled per window: an upper bound; sharing the prefix would need B*T + G*B*(K + 1)),
-  - decoding: decode.batch_size rows x (T + decode.max_new_tokens + decode.window + 2) slots
-    (``engine.Engine.cache_length`` with prompts of up to T tokens);
+  - decoding: max(eval.batch_sizes) rows x (eval.prompt_len + eval.max_new_tokens +
+    eval.window + 2) slots (``engine.Engine.cache_length`` of the evaluation's prompts);
 * rollout activations:
   - window logits, 5 float32 buffers of [G*B, K + 1, V] (target logits and log-probs, drafter
     logits mapped to the target vocab and their log-probs, the cotangent of the drafter's);
@@ -37,24 +38,26 @@ over whole sequences, and data-pipeline buffers. Keep ~25% of HBM free for them.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 import numpy as np
 
-from ppow_jax import sharding
+from ppow_jax import cli, settings, sharding
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, llama, presets
+from ppow_jax.models import eagle3, llama
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config file (file.py:variant).",
-                                lock_config=True)
-flags.DEFINE_integer("num_devices", None, "Devices of the planned mesh (default: this host's).")
+
+
+def define_flags() -> None:
+  """This tool's flags (defined when it runs, so that importing it defines none)."""
+  cli.define_config_flag()
+  flags.DEFINE_integer("num_devices", None, "Devices of the planned mesh (default: this "
+                       "host's).")
 
 LOGIT_BUFFERS = 5  # see the module docstring
 ADAMW_MOMENTS = 2  # mu and nu, float32
@@ -91,8 +94,12 @@ def _layer_peak(cfg: llama.ModelConfig, rows: int, queries: int, keys: int, rule
 
 def plan(config, num_devices: int) -> dict:
   """Per-device bytes of the run ``config`` on ``num_devices`` devices (see the docstring)."""
-  target_cfg = presets.target_config(config)
-  drafter_cfg = presets.drafter_config(config, target_cfg)
+  settings.validate(config)
+  if not config.target.preset and config.target.hf_dir:
+    raise UserError("config.target.preset: name the target's architecture (the plan reads no "
+                    "weights, so it cannot use config.target.hf_dir)")
+  target_cfg = settings.target_arch(config)
+  drafter_cfg = settings.drafter_arch(config, target_cfg)
   axis_sizes = sharding.mesh_shape(config.mesh, num_devices)
   target_boxed = sharding.abstract_params(target_cfg)
   drafter_boxed = sharding.abstract_params(drafter_cfg)
@@ -105,9 +112,11 @@ def plan(config, num_devices: int) -> dict:
   sharding.check_divisible(target_boxed, target_specs, axis_sizes, "target parameter")
   sharding.check_divisible(drafter_boxed, drafter_specs, axis_sizes, "drafter parameter")
   batch_shards = sharding.num_shards(sharding.batch_spec(act_rules, 1)[0], axis_sizes)
-  if config.train.batch_size % batch_shards:
-    raise UserError(f"train.batch_size={config.train.batch_size} is not a multiple of the "
-                    f"{batch_shards} shards of the batch axis")
+  for key in ("baseline.batch_size", "ppow.batch_size"):
+    stage, field = key.split(".")
+    if config[stage][field] % batch_shards:
+      raise UserError(f"config.{key}={config[stage][field]} is not a multiple of the "
+                      f"{batch_shards} shards of the batch axis")
 
   target_abstract, drafter_abstract = nn.unbox(target_boxed), nn.unbox(drafter_boxed)
   target_bytes = _tree_bytes(target_abstract, target_specs, axis_sizes)
@@ -117,14 +126,15 @@ def plan(config, num_devices: int) -> dict:
   opt_bytes = ADAMW_MOMENTS * _tree_bytes(drafter_f32, drafter_specs, axis_sizes)
   opt_bytes += np.dtype(np.int32).itemsize  # step count
 
-  b, t = config.train.batch_size, config.train.seq_len
+  b, t = config.ppow.batch_size, config.data.seq_len
   g, k = config.ppow.group_size, config.ppow.window
-  d = config.decode
-  rollout_slots, decode_slots = t + k + 1, t + d.max_new_tokens + d.window + 2
+  e = config.eval
+  decode_rows = max(e.batch_sizes)
+  rollout_slots, decode_slots = t + k + 1, e.prompt_len + e.max_new_tokens + e.window + 2
   kv_train = (_cache_bytes(target_cfg, g * b, rollout_slots, act_rules, axis_sizes) +
               _cache_bytes(drafter_cfg, g * b, rollout_slots, act_rules, axis_sizes))
-  kv_decode = (_cache_bytes(target_cfg, d.batch_size, decode_slots, act_rules, axis_sizes) +
-               _cache_bytes(drafter_cfg, d.batch_size, decode_slots, act_rules, axis_sizes))
+  kv_decode = (_cache_bytes(target_cfg, decode_rows, decode_slots, act_rules, axis_sizes) +
+               _cache_bytes(drafter_cfg, decode_rows, decode_slots, act_rules, axis_sizes))
   logits = LOGIT_BUFFERS * sharding.bytes_per_device(
       (g * b, k + 1, target_cfg.vocab_size), jnp.float32,
       sharding.spec_for(("batch", "length", "vocab"), act_rules), axis_sizes)
@@ -152,20 +162,16 @@ def plan(config, num_devices: int) -> dict:
   }
 
 
-def main(argv):
+def run(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    if FLAGS.config is None:
-      raise UserError("--config is required (e.g. configs/llama31_8b_eagle3.py:tpu_v5p)")
-    num_devices = FLAGS.num_devices or jax.device_count()
-    if num_devices < 1:
-      raise UserError(f"--num_devices must be >= 1, got {num_devices}")
-    print(json.dumps(plan(FLAGS.config, num_devices), sort_keys=True), flush=True)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = cli.config_from_flags()
+  num_devices = FLAGS.num_devices or jax.device_count()
+  if num_devices < 1:
+    raise UserError(f"--num_devices must be >= 1, got {num_devices}")
+  print(json.dumps(plan(config, num_devices), sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run_main(run)

@@ -1,23 +1,20 @@
-"""Every knob of a run, with its meaning, and the typed views the library is built from.
+"""The recipe every config file starts from: each knob once, with its meaning (imports no JAX).
 
-Config files (``configs/*.py``) start from ``base_config()`` and override what differs; the
-library never reads a key that is not defined here (``lock_config`` turns a typo on the
-command line into an error naming the key). ``validate`` checks cross-field consistency and
-names the offending field.
+A config file (``configs/*.py``) calls ``base_config()`` and overrides what differs; the
+text after the colon (``--config=configs/default.py:smoke,lm``) reaches ``get_config(arg)``
+and ``parse_arg`` turns it into named options (big_vision's convention). The library checks
+every value before any work (``ppow_jax/settings.py``); a key that is not defined here is an
+error naming its dotted path.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from ppow_jax import engine, rollout, train_step
-from ppow_jax.errors import UserError
-from ppow_jax.models import llama
-
-STAGES = ("target", "baseline", "ppow", "continued", "eval")
+STAGES = "target,baseline,ppow,continued,eval"  # the order they run in (ppow_jax/stages.py)
 
 
-def _optim(lr: float, warmup: int, decay: int) -> ml_collections.ConfigDict:
+def optim(lr: float, warmup: int, decay: int) -> ml_collections.ConfigDict:
   o = ml_collections.ConfigDict()
   o.learning_rate = lr  # peak learning rate (AdamW)
   o.warmup_steps = warmup  # linear warmup steps
@@ -33,7 +30,7 @@ def _optim(lr: float, warmup: int, decay: int) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # everything random derives from this
-  c.stages = ",".join(STAGES)  # comma-separated subset of: target,baseline,ppow,continued,eval
+  c.stages = STAGES  # comma-separated subset of: target,baseline,ppow,continued,eval
 
   # --- Data ---
   c.data = ml_collections.ConfigDict()
@@ -54,8 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Target (frozen during drafter training) ---
   c.target = ml_collections.ConfigDict()
-  c.target.hf_dir = ""  # local HF directory; "" = pretrain the embedded tiny target here
-  c.target.preset = ""  # named architecture (ppow_jax/models/presets.py) for shape tools
+  c.target.hf_dir = ""  # HF directory, a .gguf file or "smollm2"; "" = pretrain a tiny target here
+  c.target.preset = ""  # named architecture (ppow_jax/models/presets.py) for the memory plan
   c.target.dtype = "float32"  # compute dtype
   c.target.param_dtype = "float32"  # storage dtype
   c.target.hidden_size = 128  # embedded target only: width
@@ -68,17 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.target.pretrain_steps = 500  # embedded target only: LM pretraining steps
   c.target.pretrain_batch_size = 16  # embedded target only: sequences per step
   c.target.sample_tokens = 48  # embedded target only: greedy sample length for the report
-  c.target.optim = _optim(6e-3, 30, 500)
+  c.target.optim = optim(6e-3, 30, 500)
 
   # --- Drafter ---
   c.drafter = ml_collections.ConfigDict()
   c.drafter.kind = "eagle3"  # "eagle3" (target features) | "lm" (independent small LM)
   c.drafter.init_from = ""  # EAGLE-3 or HF LM directory to start from ("" = random init)
-  c.drafter.preset = ""  # kind="lm": named architecture for shape tools
+  c.drafter.preset = ""  # kind="lm": a named architecture ("" = derived from the target)
   c.drafter.draft_vocab_size = 0  # eagle3: reduced draft vocab (0 = the target's)
   c.drafter.hidden_size = 0  # 0 = the target's hidden size (eagle3) / half of it (lm)
-  c.drafter.intermediate_size = 0  # 0 = the target's
-  c.drafter.num_layers = 1  # kind="lm" only: depth
+  c.drafter.intermediate_size = 0  # 0 = the target's (eagle3) / half of it (lm)
+  c.drafter.num_layers = 1  # kind="lm" without a preset: depth
   c.drafter.dtype = "float32"  # compute dtype
   c.drafter.param_dtype = "float32"  # master weights
 
@@ -89,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline.divergence = "forward_kl"  # forward_kl | reverse_kl | jsd | tv | neg_log_alpha
   c.baseline.ttt_steps = 3  # unrolled steps S (EAGLE-3 uses 7; 3 keeps the CPU demo short)
   c.baseline.step_decay = 0.8  # weight of step i is decay**i
-  c.baseline.optim = _optim(3e-3, 20, 150)
+  c.baseline.optim = optim(3e-3, 20, 150)
 
   # --- PPOW (starts from the baseline drafter) ---
   c.ppow = ml_collections.ConfigDict()
@@ -114,14 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.ppow.anchor_divergence = "forward_kl"  # divergence of that anchor
   c.ppow.ppo_epochs = 2  # updates per rollout
   c.ppow.adv_delta = 1e-6  # δ in the group standardisation
-  c.ppow.optim = _optim(3e-4, 10, 60)
+  c.ppow.optim = optim(3e-4, 10, 60)
 
   # --- Continued-baseline control ---
   c.continued = ml_collections.ConfigDict()
   c.continued.enabled = True  # train the baseline on for PPOW's data budget (same sequences)
-  c.continued.optim = _optim(3e-4, 10, 60)  # same schedule shape as PPOW's
+  c.continued.optim = optim(3e-4, 10, 60)  # same schedule shape as PPOW's
 
-  # --- Evaluation (PROTOCOL.md's unified protocol) ---
+  # --- Evaluation (docs/protocol.md's unified protocol) ---
   c.eval = ml_collections.ConfigDict()
   c.eval.prompts_file = ""  # JSONL (prompt / conversations / messages); "" = held-out split
   c.eval.num_prompts = 16  # prompts evaluated
@@ -148,106 +145,49 @@ def base_config() -> ml_collections.ConfigDict:
                                  ("head_dim", None), ("mlp", "tensor"), ("vocab", "tensor"))
   c.sharding.drafter_params = "replicated"  # "fsdp" | "replicated"
 
-  # --- Shapes read by the memory plan ---
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8  # global sequences per drafter step (memory plan)
-  c.train.seq_len = 128  # tokens per sequence (memory plan)
-  c.decode = ml_collections.ConfigDict()
-  c.decode.window = 4  # K (memory plan)
-  c.decode.max_new_tokens = 64  # (memory plan)
-  c.decode.batch_size = 1  # (memory plan)
-
   # --- Checkpoints and logging ---
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50  # steps between checkpoints
-  c.checkpoint.max_to_keep = 2  # latest checkpoints kept (plus the best by eval τ)
-  c.checkpoint.eval_every = 50  # steps between held-out greedy τ checks (best/); 0 = off
+  c.checkpoint.max_to_keep = 2  # latest checkpoints kept
+  c.checkpoint.eval_every = 50  # steps between held-out greedy τ checks (eval_tau); 0 = off
   c.checkpoint.eval_prompts = 8  # held-out prompts in that check
   c.log_every = 10  # steps between console/TensorBoard lines
   return c
 
 
-def stages(c) -> tuple[str, ...]:
-  chosen = tuple(s.strip() for s in c.stages.split(",") if s.strip())
-  for s in chosen:
-    if s not in STAGES:
-      raise UserError(f"config.stages: unknown stage {s!r}; expected some of {STAGES}")
-  return chosen
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """``"smoke,lm"`` or ``"tensor=8,runlocal"`` -> options named in ``spec`` (their defaults).
+
+  A bare name sets a boolean option; ``name=value`` is cast to the default's type. An unknown
+  name is a ValueError listing the known ones.
+  """
+  out = ml_collections.ConfigDict(spec)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    name, eq, value = item.partition("=")
+    if name not in spec:
+      raise ValueError(f"unknown config variant {name!r}; expected some of {sorted(spec)}")
+    default = spec[name]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"config variant {name!r} needs a value: {name}=...")
+      out[name] = True
+    elif isinstance(default, bool):
+      out[name] = value.lower() in ("1", "true", "yes")
+    else:
+      out[name] = type(default)(value)
+  return out
 
 
-def optim_config(o) -> train_step.OptimConfig:
-  return train_step.OptimConfig(**o.to_dict())
-
-
-def baseline_config(c) -> train_step.BaselineConfig:
-  b = c.baseline
-  return train_step.BaselineConfig(b.divergence, b.ttt_steps, b.step_decay)
-
-
-def ppow_config(c, gamma: float) -> rollout.PPOWConfig:
-  p = c.ppow
-  return rollout.PPOWConfig(
-      window=p.window, group_size=p.group_size, starts_per_seq=p.starts_per_seq, gamma=gamma,
-      speed_form=p.speed_form, use_speed=p.use_speed, use_prox=p.use_prox,
-      prox_form=p.prox_form, lambda_prox=p.lambda_prox, prox_eta=p.prox_eta,
-      prox_eps=p.prox_eps, selection=p.selection,
-      selection_temperature=p.selection_temperature, clip_eps=p.clip_eps, ratio=p.ratio,
-      omega=p.omega, anchor_divergence=p.anchor_divergence, ppo_epochs=p.ppo_epochs,
-      adv_delta=p.adv_delta)
-
-
-def embedded_target_config(c, vocab_size: int) -> llama.ModelConfig:
-  t = c.target
-  return llama.ModelConfig(
-      vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-      rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
-      tie_embeddings=False, dtype=t.dtype, param_dtype=t.param_dtype)
-
-
-def decode_config(c, temperature: float, eos_ids: tuple) -> engine.DecodeConfig:
-  return engine.DecodeConfig(window=c.eval.window, temperature=temperature,
-                             max_new_tokens=c.eval.max_new_tokens, eos_ids=eos_ids)
-
-
-def validate(c) -> None:
-  """Cross-field checks; each error names the field."""
-  stages(c)
-  if c.drafter.kind not in ("eagle3", "lm"):
-    raise UserError(f"config.drafter.kind must be 'eagle3' or 'lm', got {c.drafter.kind!r}")
-  if c.data.seq_len < 8:
-    raise UserError(f"config.data.seq_len must be >= 8, got {c.data.seq_len}")
-  for name in ("baseline", "ppow"):
-    if c[name].steps < 0 or c[name].batch_size < 1:
-      raise UserError(f"config.{name}: steps must be >= 0 and batch_size >= 1")
-  baseline_config(c)
-  ppow_config(c, max(c.ppow.gamma, 0.0))
-  if c.ppow.gamma < 0 and c.ppow.gamma != -1:
-    raise UserError(f"config.ppow.gamma must be >= 0, or -1 to measure; got {c.ppow.gamma}")
-  if c.ppow.starts_per_seq > c.data.seq_len - 2:
-    raise UserError(f"config.ppow.starts_per_seq={c.ppow.starts_per_seq} exceeds the "
-                    f"candidate starts of a sequence (data.seq_len - 2 = {c.data.seq_len - 2})")
-  if c.eval.window < 1:
-    raise UserError(f"config.eval.window must be >= 1, got {c.eval.window}")
-  if any(t < 0 for t in c.eval.temperatures):
-    raise UserError(f"config.eval.temperatures must be >= 0, got {c.eval.temperatures}")
-  if c.eval.repeats < 1 or c.eval.num_prompts < 1:
-    raise UserError("config.eval.repeats and config.eval.num_prompts must be >= 1")
-  if c.eval.prompt_policy not in ("truncate_left", "reject"):
-    raise UserError(f"config.eval.prompt_policy must be truncate_left or reject, got "
-                    f"{c.eval.prompt_policy!r}")
-  if not c.target.hf_dir and c.target.hidden_size % c.target.num_heads:
-    raise UserError("config.target.hidden_size must be divisible by config.target.num_heads")
-
-
-def real_run_config(preset: str, variant: str, tensor: int) -> ml_collections.ConfigDict:
+def real_run(preset: str, arg: str | None, tensor: int) -> ml_collections.ConfigDict:
   """Shared recipe of the real-target configs (EAGLE-3 drafter, ShareGPT-style data).
 
-  ``variant``: "tpu_v5p" | "gpu_8xh100" | "runlocal" (the tiny preset, for a smoke run).
-  ``tensor``: tensor-parallel width of the frozen target (must divide its KV heads).
+  ``arg``: ``tpu_v5p`` (default) | ``gpu_8xh100`` | ``runlocal`` (the tiny preset, a smoke
+  run). ``tensor``: tensor-parallel width of the frozen target (must divide its KV heads).
   """
-  if variant not in ("tpu_v5p", "gpu_8xh100", "runlocal"):
-    raise ValueError(f"unknown variant {variant!r}; expected tpu_v5p, gpu_8xh100 or runlocal")
+  v = parse_arg(arg, tpu_v5p=False, gpu_8xh100=False, runlocal=False)
+  if v.tpu_v5p + v.gpu_8xh100 + v.runlocal > 1:
+    raise ValueError(f"config variants tpu_v5p, gpu_8xh100 and runlocal exclude each other; "
+                     f"got {arg!r}")
   c = base_config()
   c.stages = "baseline,ppow,continued,eval"  # the target is given, not pretrained
   c.target.preset = preset
@@ -262,40 +202,30 @@ def real_run_config(preset: str, variant: str, tensor: int) -> ml_collections.Co
   c.drafter.param_dtype = "float32"
   c.baseline.steps, c.baseline.batch_size = 20000, 16
   c.baseline.ttt_steps = 7  # EAGLE-3's training-time test
-  c.baseline.optim = _optim(1e-4, 500, 20000)
+  c.baseline.optim = optim(1e-4, 500, 20000)
   c.ppow.steps, c.ppow.batch_size = 4000, 16
   c.ppow.window = 10  # K
   c.ppow.gamma = -1  # measure on the hardware at hand
-  c.ppow.optim = _optim(5e-6, 100, 4000)  # GTO's learning rate
-  c.continued.optim = _optim(5e-6, 100, 4000)
+  c.ppow.optim = optim(5e-6, 100, 4000)  # GTO's learning rate
+  c.continued.optim = optim(5e-6, 100, 4000)
   c.eval.window, c.eval.max_new_tokens, c.eval.batch_sizes = 7, 512, (1, 8)
   c.eval.num_prompts = 80  # e.g. MT-Bench / HumanEval / GSM8K question files
   c.eval.prompt_len = 1024
-  c.train.batch_size, c.train.seq_len = 16, 2048
-  c.decode.window, c.decode.max_new_tokens = 10, 512
   c.sharding.drafter_params = "fsdp"
   c.mesh.ici_shape = (-1, 1, tensor)
   c.checkpoint.save_every = 500
   c.log_every = 20
-  if variant == "gpu_8xh100":
+  if v.gpu_8xh100:
     c.mesh.ici_shape = (8 // tensor, 1, tensor)  # per node, over NVLink
     c.mesh.dcn_shape = (-1, 1, 1)  # nodes: data-parallel
-  elif variant == "runlocal":
+  elif v.runlocal:
     c.target.preset = "tiny"
     c.target.dtype = c.target.param_dtype = "float32"
     c.drafter.dtype = "float32"
     c.drafter.draft_vocab_size = 128
     c.mesh.ici_shape = (-1, 1, 1)
-    c.train.batch_size, c.train.seq_len = 8, 64
-    c.ppow.group_size = c.ppow.window = c.decode.window = 4
-    c.decode.max_new_tokens = 16
+    c.data.seq_len = 64
+    c.baseline.batch_size = c.ppow.batch_size = 8
+    c.ppow.group_size = c.ppow.window = 4
+    c.eval.window, c.eval.max_new_tokens = 4, 16
   return c
-
-
-def check_runnable(c) -> None:
-  """Checks that need the user's paths (a shipped real-run config fails here until set)."""
-  if c.target.preset and not c.target.hf_dir and "target" not in stages(c):
-    raise UserError(f"config.target.hf_dir: set it to the local Hugging Face directory of "
-                    f"{c.target.preset} (nothing is downloaded)")
-  if not (c.data.corpus or c.data.conversations or c.data.tfds_name):
-    raise UserError("config.data: set one of corpus, conversations (JSONL) or tfds_name")

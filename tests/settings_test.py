@@ -1,0 +1,169 @@
+"""Every numeric setting is checked before any work; typed views have one source of values."""
+
+import dataclasses
+import os
+
+from absl.testing import absltest, parameterized
+import jax
+
+from ppow_jax import cli, rollout, settings, stages, train_step
+from ppow_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "default.py:smoke")
+NUMERIC = sorted(settings.numeric_leaves(cli.load_config(SMOKE)))
+
+
+def _with(c, key: str, value):
+  c = c.copy_and_resolve_references()
+  node, parts = c, key.split(".")
+  for part in parts[:-1]:
+    node = node[part]
+  current = node[parts[-1]]
+  node[parts[-1]] = (tuple(type(x)(value) for x in current) if isinstance(current, tuple)
+                     else type(current)(value))
+  return c
+
+
+class NumericSweepTest(parameterized.TestCase):
+  """Each numeric field at 0 and at -1: valid by its rule, or a UserError naming it."""
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+  def test_every_numeric_field_has_a_rule(self):
+    self.assertGreater(len(NUMERIC), 50)
+    self.assertEqual([k for k in NUMERIC if settings.rule_for(k) is None], [])
+
+  @parameterized.parameters(*NUMERIC)
+  def test_zero_and_negative(self, key):
+    base = cli.load_config(SMOKE)
+    ok, text = settings.rule_for(key)
+    for value in (0, -1):
+      c = _with(base, key, value)
+      if ok(value):  # accepted by its rule: valid, or refused with the other field named
+        try:
+          settings.validate(c)
+        except UserError as e:
+          self.assertIn(f"config.{key}=", str(e))
+      else:
+        with self.assertRaisesRegex(UserError, "config." + key.replace(".", r"\.") + "="):
+          settings.validate(c)
+
+  def test_rules_reject_what_used_to_crash_late(self):
+    base = cli.load_config(SMOKE)
+    for key in ("target.num_heads", "checkpoint.save_every", "log_every", "eval.batch_sizes",
+                "mesh.num_devices"):
+      with self.assertRaisesRegex(UserError, key.replace(".", r"\.")):
+        settings.validate(_with(base, key, 0))
+
+  def test_cross_field_checks_name_both_fields(self):
+    c = cli.load_config(SMOKE)
+    c.target.num_heads = 3
+    with self.assertRaisesRegex(UserError, r"target\.hidden_size=32 .*target\.num_heads=3"):
+      settings.validate(c)
+    c = cli.load_config(SMOKE)
+    c.eval.batch_sizes = (4,)
+    with self.assertRaisesRegex(UserError, r"eval\.batch_sizes=\(4,\).*num_prompts=2"):
+      settings.validate(c)
+    c = cli.load_config(SMOKE)
+    c.data.heldout_fraction = 0.0
+    with self.assertRaisesRegex(UserError, "heldout_fraction=0"):
+      settings.validate(c)
+    c.eval.prompts_file = "prompts.jsonl"
+    settings.validate(c)
+
+
+class ViewsTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+  def test_views_take_every_value_from_the_config(self):
+    c = cli.load_config(SMOKE)
+    p = settings.ppow(c, 0.25)
+    self.assertEqual((p.window, p.group_size, p.ppo_epochs, p.gamma), (3, 2, 1, 0.25))
+    self.assertEqual(settings.baseline(c).ttt_steps, c.baseline.ttt_steps)
+    self.assertEqual(dataclasses.asdict(settings.optim(c.ppow.optim)), c.ppow.optim.to_dict())
+
+  def test_views_have_no_defaults_of_their_own(self):
+    for cls in (rollout.PPOWConfig, train_step.BaselineConfig, train_step.OptimConfig):
+      for f in dataclasses.fields(cls):
+        self.assertIs(f.default, dataclasses.MISSING, f"{cls.__name__}.{f.name}")
+
+  def test_a_field_missing_from_the_config_is_loud(self):
+    c = cli.load_config(SMOKE)
+    with self.assertRaisesRegex(KeyError, "PPOWConfig.window"):
+      settings.view(rollout.PPOWConfig, c.baseline, gamma=0.1)
+
+
+class ArchitecturesTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+  def test_lm_drafter_from_preset_or_from_the_target(self):
+    c = cli.load_config(os.path.join(ROOT, "configs", "llama31_8b_eagle3.py:runlocal"))
+    target = settings.target_arch(c)
+    self.assertEqual(target.hidden_size, 64)  # the tiny preset
+    c.drafter.kind = "lm"
+    derived = settings.drafter_arch(c, target)
+    self.assertEqual((derived.hidden_size, derived.num_layers, derived.num_heads), (32, 1, 4))
+    c.drafter.preset = "tiny"
+    self.assertEqual(settings.drafter_arch(c, target).hidden_size, 64)
+    c.drafter.preset = "qwen3-0.6b"
+    with self.assertRaisesRegex(UserError, "drafter.preset='qwen3-0.6b' has vocab_size 151936"):
+      settings.drafter_arch(c, target)
+
+  def test_eagle3_sizes(self):
+    c = cli.load_config(SMOKE)
+    target = settings.target_arch(c, vocab_size=300)
+    d = settings.drafter_arch(c, target)
+    self.assertEqual((d.hidden_size, d.draft_vocab_size), (32, 300))
+    c.drafter.intermediate_size, c.drafter.draft_vocab_size = 48, 100
+    d = settings.drafter_arch(c, target)
+    self.assertEqual((d.intermediate_size, d.draft_vocab_size), (48, 100))
+
+
+class StagesTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+  def test_chosen_in_table_order_and_unknown_named(self):
+    c = cli.load_config(SMOKE)
+    c.stages = "eval, ppow"
+    self.assertEqual(stages.chosen(c), ("ppow", "eval"))
+    c.stages = "ppow,pow"
+    with self.assertRaisesRegex(UserError, "config.stages: unknown stage 'pow'"):
+      stages.chosen(c)
+
+  def test_settings_include_those_of_the_stages_started_from(self):
+    c = cli.load_config(SMOKE)
+    ppow = stages.settings(c, "ppow")
+    self.assertEqual(ppow["ppow.window"], 3)
+    self.assertIn("baseline.ttt_steps", ppow)  # PPOW starts from the baseline
+    self.assertIn("target.hidden_size", ppow)  # which starts from the target
+    self.assertNotIn("eval.window", ppow)
+    continued = stages.settings(c, "continued")
+    self.assertIn("ppow.steps", continued)
+    self.assertNotIn("ppow.window", continued)
+    self.assertEqual(stages.differences(ppow, stages.settings(c, "ppow")), [])
+    c.ppow.window = 4
+    self.assertEqual(stages.differences(ppow, stages.settings(c, "ppow")),
+                     ["ppow.window (3 -> 4)"])
+
+  def test_continued_budget_matches_ppow_sequences(self):
+    c = cli.load_config(SMOKE)
+    steps, batch, _ = stages.BY_NAME["continued"].schedule(c)
+    self.assertEqual(batch, c.baseline.batch_size)
+    self.assertGreaterEqual(steps * batch, c.ppow.steps * c.ppow.batch_size)
+    self.assertLess((steps - 1) * batch, c.ppow.steps * c.ppow.batch_size)
+
+
+if __name__ == "__main__":
+  absltest.main()
