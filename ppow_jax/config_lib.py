@@ -121,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.continued.enabled = True  # train the baseline on for PPOW's data budget (same sequences)
   c.continued.optim = _optim(3e-4, 10, 60)  # same schedule shape as PPOW's
 
-  # --- Evaluation (PROTOCOL.md's unified protocol) ---
+  # --- Evaluation (docs/protocol.md's unified protocol) ---
   c.eval = ml_collections.ConfigDict()
   c.eval.prompts_file = ""  # JSONL (prompt / conversations / messages); "" = held-out split
   c.eval.num_prompts = 16  # prompts evaluated

@@ -26,7 +26,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class PPOWConfig:
-  """PPOW's knobs (PROTOCOL.md). Built from ``config.ppow`` by ``ppow_jax.config_lib``."""
+  """PPOW's knobs (docs/protocol.md). Built from ``config.ppow`` by ``ppow_jax.config_lib``."""
   window: int = 10  # K: draft tokens per window.
   group_size: int = 8  # G: windows sampled per start (advantages are standardised within).
   starts_per_seq: int = 4  # windows starts chosen per training sequence.

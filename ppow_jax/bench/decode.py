@@ -7,7 +7,7 @@ r"""Decode-engine benchmark: AR vs speculative tokens/s, τ, γ, ideal vs measur
 
 Per batch size, in one process: one compile run of each engine, then ``--repeats`` timed runs
 alternating AR and speculative (order flipped every repeat); tokens/s is the median. Timings
-include the prompt pass. γ (PROTOCOL.md) is measured by ``measure_gamma``: the drafter's
+include the prompt pass. γ (docs/protocol.md) is measured by ``measure_gamma``: the drafter's
 window call and the target's verification call, each jitted on its own and run ``calls``
 times inside one compiled loop on a prefilled cache of the engine's size (so, as inside the
 engine, there is no host dispatch between calls). The verification cost curve times target

@@ -1,7 +1,7 @@
 r"""Our engine against Hugging Face assisted generation and llama.cpp, on the same weights.
 
   python -m ppow_jax.bench.decode --save_pair=/tmp/pair --batch_sizes=1 --repeats=1
-  PEER_DIR=$(bash ../shared/tools/llamacpp_peer.sh)
+  PEER_DIR=$(bash launch/build_llamacpp.sh ~/.cache/ppow_jax/llamacpp)
   python -m ppow_jax.bench.peers --pair_dir=/tmp/pair --window=5 --max_new_tokens=256 \
       --llamacpp_bin=$PEER_DIR/build/bin/llama-speculative-simple --output_json=/tmp/peers.json
 
@@ -46,7 +46,7 @@ from ppow_jax.models import hf
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pair_dir", None, "Directory with target/ and drafter/ (HF layout).")
 flags.DEFINE_string("llamacpp_bin", None, "Path to llama.cpp's llama-speculative-simple "
-                    "(built by ../shared/tools/llamacpp_peer.sh); omit to skip llama.cpp.")
+                    "(built by launch/build_llamacpp.sh); omit to skip llama.cpp.")
 flags.DEFINE_integer("threads", 0, "CPU threads for torch and llama.cpp (0: all cores).")
 flags.DEFINE_boolean("skip_hf", False, "Skip the Hugging Face peer.")
 
