@@ -166,7 +166,7 @@ _CONVERT_RUNNER = (
     "runpy.run_path(script, run_name='__main__')\n")
 
 
-def convert_to_gguf(root: str, hf_dir: str, out_file: str) -> str:
+def convert_to_gguf(root: str, hf_dir: str, out_file: str, extra_args: tuple = ()) -> str:
   """f32 GGUF of an HF directory with llama.cpp's converter (skipped when up to date)."""
   weights = os.path.join(hf_dir, "model.safetensors")
   if os.path.isfile(out_file) and os.path.getmtime(out_file) >= os.path.getmtime(weights):
@@ -175,7 +175,7 @@ def convert_to_gguf(root: str, hf_dir: str, out_file: str) -> str:
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.join(root, "gguf-py")] + [p for p in [env.get("PYTHONPATH")] if p])
   cmd = [sys.executable, "-c", _CONVERT_RUNNER, os.path.join(root, "convert_hf_to_gguf.py"),
-         hf_dir, "--outfile", out_file, "--outtype", "f32"]
+         hf_dir, "--outfile", out_file, "--outtype", "f32", *extra_args]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
     raise UserError(f"convert_hf_to_gguf failed on {hf_dir}:\n{proc.stderr[-3000:]}")
