@@ -4,7 +4,8 @@ A config file (``configs/*.py``) calls ``base_config()`` and overrides what diff
 text after the colon (``--config=configs/default.py:smoke,lm``) reaches ``get_config(arg)``
 and ``parse_arg`` turns it into named options (big_vision's convention). The library checks
 every value before any work (``ppow_jax/settings.py``); a key that is not defined here is an
-error naming its dotted path.
+error naming its dotted path. The quantities and objectives the knobs refer to are defined in
+docs/protocol.md, which also says which defaults are the PPOW paper's and which are ours.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A row drafted ``K`` tokens ``x_0..x_{K-1}`` from drafter distributions ``q_0..q_
 target pass over them gives ``p_0..p_K`` (``p_i`` predicts the token at draft position i,
 ``p_K`` the one after the last draft). The engine then commits ``a + 1`` tokens: the ``a``
 accepted drafts and one token from the target (the correction, or the bonus when all K are
-accepted). See PROTOCOL.md for α, τ and acceptance.
+accepted). See docs/protocol.md for α, τ and acceptance.
 
 * ``greedy_accept`` (T=0): accept while the draft equals the target's argmax.
 * ``rejection_accept`` (T>0): lossless speculative sampling (Leviathan et al. 2023; Chen et
@@ -226,5 +226,5 @@ def expected_accepted(alpha_BxK: Array, max_accept_B: Optional[Array] = None) ->
 
 
 def analytic_tau(alpha_BxK: Array, max_accept_B: Optional[Array] = None) -> Array:
-  """1 + Σ_{k=1..K} Π_{i≤k} α_i [B] (float32): PROTOCOL's analytic τ (includes the bonus)."""
+  """1 + Σ_{k=1..K} Π_{i≤k} α_i [B] (float32): docs/protocol.md's analytic τ, bonus included."""
   return 1.0 + expected_accepted(alpha_BxK, max_accept_B)

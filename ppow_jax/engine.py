@@ -5,7 +5,7 @@ tokens, and each row's committed length, target-cache length and drafter state m
 own amounts without a host round-trip. A row stops at EOS or at ``max_new_tokens``; the loop
 (``lax.while_loop``) ends when every row has stopped.
 
-Accounting (PROTOCOL.md): a verification round commits ``a + 1`` tokens (fewer only when EOS
+Accounting (docs/protocol.md): a verification round commits ``a + 1`` tokens (fewer only when EOS
 or the token budget cuts it). τ = Σ committed / Σ verification rounds. The prompt pass only
 fills the cache (its last token stays pending), so every new token, the first included, comes
 from a counted verification round.
@@ -67,7 +67,7 @@ class Stats:
                jnp.zeros((window,), jnp.float32), jnp.zeros((), jnp.float32))
 
   def summary(self) -> dict:
-    """Host-side metrics of PROTOCOL.md: τ, analytic τ, α̂ by position, per-prompt τ."""
+    """Host-side metrics of docs/protocol.md: τ, analytic τ, α̂ by position, per-prompt τ."""
     s = jax.tree_util.tree_map(np.asarray, self)
     calls = int(s.verify_calls_B.sum())
     per_row = s.committed_B / np.maximum(s.verify_calls_B, 1)

@@ -1,4 +1,4 @@
-"""The unified decoding protocol (PROTOCOL.md): every drafter against AR, same prompts/engine.
+"""The unified decoding protocol (docs/protocol.md): every drafter against AR, same prompts/engine.
 
 For each temperature and batch size, AR and every drafter decode the same prompts with the
 same compiled engine code; timed repeats are interleaved (AR, drafter 1, drafter 2, ..., then

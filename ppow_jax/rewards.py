@@ -1,4 +1,4 @@
-"""PPOW's window rewards and group-standardised advantages (PROTOCOL.md, "PPOW").
+"""PPOW's window rewards and group-standardised advantages (docs/protocol.md, "PPOW").
 
 A window is K tokens the drafter sampled from one start position; the target verified them and
 accepted ``a`` leading tokens. Rewards are per window (shape ``[N]``) and are constants for the
@@ -38,7 +38,7 @@ def speed_reward(accepted_N: Array, n_drafted_N: Array, gamma: float,
     accepted_N: accepted draft tokens ``a`` per window.
     n_drafted_N: draft steps spent per window (K for a fixed window); broadcasts.
     gamma: cost of one draft step relative to one target verification (>= 0).
-    form: ``"committed_per_cost"``: ``(a + 1) / (1 + γ·n_drafted)`` (default, PROTOCOL);
+    form: ``"committed_per_cost"``: ``(a + 1) / (1 + γ·n_drafted)`` (default; docs/protocol.md);
       ``"paper_summary"``: ``a / (a·γ + 1)`` (ignores ``n_drafted``).
   """
   if form not in SPEED_FORMS:

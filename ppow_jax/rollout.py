@@ -26,7 +26,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class PPOWConfig:
-  """PPOW's knobs (PROTOCOL.md): ``settings.ppow(c, gamma)``, values from ``config.ppow``
+  """PPOW's knobs (docs/protocol.md): ``settings.ppow(c, gamma)``, values from ``config.ppow``
   (configs/common.py; no defaults here, so the config is their one source)."""
   window: int  # K: draft tokens per window.
   group_size: int  # G: windows sampled per start (advantages are standardised within).

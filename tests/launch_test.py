@@ -11,7 +11,7 @@ from absl.testing import absltest, parameterized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = ("common.sh", "tpu_pod.sh", "gpu_slurm.sbatch")
+SCRIPTS = ("common.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "build_llamacpp.sh")
 CONFIG = "configs/llama31_8b_eagle3.py:tpu_v5p"
 
 TPU_ENV = {"TPU_NAME": "ppow-test", "ZONE": "us-east5-a", "PROJECT": "proj",
@@ -22,7 +22,7 @@ GPU_ENV = {"WORKDIR": "/shared/ppow/run1", "CONFIG": "configs/llama33_70b_eagle3
 _TMP = tempfile.TemporaryDirectory()  # removed at exit
 _STUBS = os.path.join(_TMP.name, "bin")  # first on PATH: a dry run that runs anything fails
 os.makedirs(_STUBS)
-for _tool in ("gcloud", "srun", "tar"):
+for _tool in ("gcloud", "srun", "tar", "cmake"):
   with open(os.path.join(_STUBS, _tool), "w") as _f:
     _f.write(f"#!/bin/sh\necho 'dry run executed {_tool}' >&2\nexit 97\n")
   os.chmod(os.path.join(_STUBS, _tool), 0o755)
@@ -120,6 +120,46 @@ class LaunchTest(parameterized.TestCase):
     proc, _ = _run("tpu_pod.sh", {**TPU_ENV, "WORKDIR": "/local/dir"})
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("gs://", proc.stderr)
+
+  def _built_llamacpp_dir(self, missing: str = "") -> str:
+    """A folder that looks like a finished build_llamacpp.sh run (minus ``missing``)."""
+    d = tempfile.mkdtemp(dir=_TMP.name)
+    os.makedirs(os.path.join(d, "build", "bin"))
+    open(os.path.join(d, "CMakeLists.txt"), "w").close()
+    with open(os.path.join(d, ".ppow_built_llama_cpp_python_0.3.36"), "w") as f:
+      f.write("0.3.36\n")
+    for tool in ("llama-speculative-simple", "llama-bench", "llama-quantize"):
+      if tool != missing:
+        path = os.path.join(d, "build", "bin", tool)
+        open(path, "w").close()
+        os.chmod(path, 0o755)
+    return d
+
+  def test_build_llamacpp_reuses_a_finished_build(self):
+    stub_python = {"PYTHON": os.path.join(_STUBS, "cmake")}  # any call fails loudly
+    d = self._built_llamacpp_dir()
+    proc, _ = _run("build_llamacpp.sh", stub_python, d)
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    self.assertEqual(proc.stdout, os.path.realpath(d) + "\n")
+    # One tool missing: it builds again (here: the cmake stub runs and fails).
+    d = self._built_llamacpp_dir(missing="llama-quantize")
+    proc, _ = _run("build_llamacpp.sh", stub_python, d)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("dry run executed cmake", proc.stderr)
+    self.assertEqual(proc.stdout, "")
+
+  def test_build_llamacpp_refuses_unsafe_folders(self):
+    inside = os.path.join(REPO, "llamacpp_build_test_dir")
+    proc, _ = _run("build_llamacpp.sh", {}, inside)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("inside the repository", proc.stderr)
+    self.assertFalse(os.path.exists(inside))
+    other = tempfile.mkdtemp(dir=_TMP.name)
+    open(os.path.join(other, "notes.txt"), "w").close()
+    proc, _ = _run("build_llamacpp.sh", {"PPOW_LLAMACPP_DIR": other})
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("neither empty", proc.stderr)
+    self.assertEqual(os.listdir(other), ["notes.txt"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Our engine against Hugging Face assisted generation and llama.cpp, on the same weights.
 
   python -m ppow_jax.bench.decode --save_pair=/tmp/pair --batch_sizes=1 --repeats=1
-  PEER_DIR=$(bash ../shared/tools/llamacpp_peer.sh)
+  PEER_DIR=$(bash launch/build_llamacpp.sh ~/.cache/ppow_jax/llamacpp)
   python -m ppow_jax.bench.peers --pair_dir=/tmp/pair --window=5 --max_new_tokens=256 \
       --llamacpp_bin=$PEER_DIR/build/bin/llama-speculative-simple --output_json=/tmp/peers.json
 
@@ -46,7 +46,7 @@ def define_flags() -> None:
   """This tool's flags (defined when it runs, so that importing it defines none)."""
   flags.DEFINE_string("pair_dir", None, "Directory with target/ and drafter/ (HF layout).")
   flags.DEFINE_string("llamacpp_bin", None, "Path to llama.cpp's llama-speculative-simple "
-                      "(built by ../shared/tools/llamacpp_peer.sh); omit to skip llama.cpp.")
+                      "(built by launch/build_llamacpp.sh); omit to skip llama.cpp.")
   flags.DEFINE_integer("threads", 0, "CPU threads for torch and llama.cpp (0: all cores).")
   flags.DEFINE_boolean("skip_hf", False, "Skip the Hugging Face peer.")
   flags.DEFINE_integer("window", 5, "K: draft tokens per verification.")
@@ -172,7 +172,7 @@ _CONVERT_RUNNER = (
     "runpy.run_path(script, run_name='__main__')\n")
 
 
-def convert_to_gguf(root: str, hf_dir: str, out_file: str) -> str:
+def convert_to_gguf(root: str, hf_dir: str, out_file: str, extra_args: tuple = ()) -> str:
   """f32 GGUF of an HF directory with llama.cpp's converter (skipped when up to date)."""
   weights = os.path.join(hf_dir, "model.safetensors")
   if os.path.isfile(out_file) and os.path.getmtime(out_file) >= os.path.getmtime(weights):
@@ -181,7 +181,7 @@ def convert_to_gguf(root: str, hf_dir: str, out_file: str) -> str:
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.join(root, "gguf-py")] + [p for p in [env.get("PYTHONPATH")] if p])
   cmd = [sys.executable, "-c", _CONVERT_RUNNER, os.path.join(root, "convert_hf_to_gguf.py"),
-         hf_dir, "--outfile", out_file, "--outtype", "f32"]
+         hf_dir, "--outfile", out_file, "--outtype", "f32", *extra_args]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
     raise UserError(f"convert_hf_to_gguf failed on {hf_dir}:\n{proc.stderr[-3000:]}")

@@ -2,7 +2,7 @@
 
 One record shape is shared by training conversations (``builders.Conversations``) and
 evaluation prompt files (``read_prompts``), so both accept the same three forms
-(see ``PROTOCOL.md``):
+(see ``docs/protocol.md``):
 
 * ``{"prompt": "text"}`` -- a single user turn;
 * ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`` (ShareGPT);

@@ -1,0 +1,126 @@
+"""The repository stands alone: no file points outside it, and the code cites its own protocol."""
+
+import os
+import re
+import subprocess
+import tempfile
+
+from absl.testing import absltest
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTOCOL = "docs/protocol.md"
+# Modules whose docstrings define a quantity by the protocol; each must cite it.
+CITING = ("ppow_jax/acceptance.py", "ppow_jax/engine.py", "ppow_jax/evaluate.py",
+          "ppow_jax/rewards.py", "ppow_jax/rollout.py", "configs/common.py",
+          "ppow_jax/data/prompts.py", "ppow_jax/bench/decode.py")
+PROSE = ("README.md", "BENCHMARKS.md")  # plus docs/*.md
+_SKIP_DIRS = {".git", ".venv", "workdir", "__pycache__", "build", "dist", ".pytest_cache"}
+
+# Spelled in pieces so that this file does not match itself.
+_OUTSIDE = re.compile("|".join([
+    re.escape(".." + "/shared"),  # a sibling folder of the checkout
+    re.escape("shared" + "/tools"),
+    re.escape("shared" + "/PROTOCOL"),
+    r"\b" + "PROTO" + r"COL\.md",  # the protocol is docs/protocol.md, lower case
+    r"\b" + "REFER" + r"ENCES\.md",
+    r"\b" + "ST" + r"YLE\.md",
+    re.escape("/" + "work/"),  # a path on one development machine
+]))
+# Prose about the project's results, not about how its work was organised.
+_ORGANISATION = re.compile(r"\b(" + "iss" + r"ues? #?\d+|#\d{1,4}\b|" + "mis" + r"sion\b|"
+                           + "ses" + r"sion\b)", re.IGNORECASE)
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def repo_files(root: str = ROOT) -> list[str]:
+  """Paths (relative to ``root``) of the files git tracks; every file if git is unavailable."""
+  try:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+    names = [n for n in out.stdout.decode().split("\0") if n]
+    if names:
+      return names
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  names = []
+  for d, subdirs, files in os.walk(root):
+    subdirs[:] = [s for s in subdirs if s not in _SKIP_DIRS and not s.endswith(".egg-info")]
+    names += [os.path.relpath(os.path.join(d, f), root) for f in files]
+  return names
+
+
+def _read(root: str, name: str) -> str:
+  with open(os.path.join(root, name), "rb") as f:
+    return f.read().decode("utf-8", errors="replace")
+
+
+def outside_references(root: str, names: list[str]) -> list[str]:
+  """``file:line: text`` for every line that refers to something outside the repository."""
+  hits = []
+  for name in names:
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):  # deleted in the work tree but still tracked
+      continue
+    for i, line in enumerate(_read(root, name).splitlines(), 1):
+      if _OUTSIDE.search(line):
+        hits.append(f"{name}:{i}: {line.strip()}")
+  return hits
+
+
+def prose_files(root: str) -> list[str]:
+  docs = os.path.join(root, "docs")
+  extra = sorted(f"docs/{f}" for f in os.listdir(docs) if f.endswith(".md")) if os.path.isdir(
+      docs) else []
+  return [p for p in PROSE if os.path.isfile(os.path.join(root, p))] + extra
+
+
+class RepoTest(absltest.TestCase):
+
+  def test_no_file_refers_outside_the_repository(self):
+    hits = outside_references(ROOT, repo_files())
+    self.assertEqual(hits, [], "files refer to paths a user of the repository does not have")
+
+  def test_the_check_finds_an_outside_reference(self):
+    files = {"ok.py": "See docs/protocol.md.\n",
+             "bad.md": "a\nsee [p](" + ".." + "/sha" + "red/x.md)\n",
+             "bad.py": "# cite " + "PROTO" + "COL.md\n"}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, text in files.items():
+        with open(os.path.join(tmp, name), "w") as f:
+          f.write(text)
+      hits = outside_references(tmp, list(files))
+    self.assertEqual([h.split(": ")[0] for h in hits], ["bad.md:2", "bad.py:1"])
+
+  def test_protocol_exists_and_is_cited(self):
+    self.assertTrue(os.path.isfile(os.path.join(ROOT, PROTOCOL)), PROTOCOL)
+    text = _read(ROOT, PROTOCOL)
+    for term in ("τ", "α", "γ", "bonus", "speedup", "2605.14978", "2509.22134"):
+      self.assertIn(term, text)
+    uncited = [m for m in CITING if PROTOCOL not in _read(ROOT, m)]
+    self.assertEqual(uncited, [], f"these modules do not cite {PROTOCOL}")
+    self.assertIn(f"]({PROTOCOL})", _read(ROOT, "README.md"))
+
+  def test_prose_speaks_of_the_project_only(self):
+    hits = []
+    for name in prose_files(ROOT):
+      for i, line in enumerate(_read(ROOT, name).splitlines(), 1):
+        m = _ORGANISATION.search(line)
+        if m:
+          hits.append(f"{name}:{i}: {m.group(0)!r}")
+    self.assertEqual(hits, [])
+
+  def test_relative_links_resolve(self):
+    broken = []
+    for name in prose_files(ROOT):
+      for target in _LINK.findall(_read(ROOT, name)):
+        if "://" in target or target.startswith("mailto:"):
+          continue
+        if not os.path.exists(os.path.join(ROOT, os.path.dirname(name), target)):
+          broken.append(f"{name}: {target}")
+    self.assertEqual(broken, [])
+
+
+if __name__ == "__main__":
+  absltest.main()
