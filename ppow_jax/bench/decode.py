@@ -7,7 +7,7 @@ r"""Decode-engine benchmark: AR vs speculative tokens/s, τ, γ, ideal vs measur
 
 Per batch size, in one process: one compile run of each engine, then ``--repeats`` timed runs
 alternating AR and speculative (order flipped every repeat); tokens/s is the median. Timings
-include the prompt pass. γ and the verification cost curve are measured by
+include the prompt pass. γ and the verification cost curve (docs/protocol.md) are measured by
 ``ppow_jax/gamma.py`` (each call jitted on its own, looped inside one compiled program).
 """
 
