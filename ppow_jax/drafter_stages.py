@@ -93,7 +93,7 @@ def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, con
   prompts = datasets.eval_prompts(c, data)[:c.checkpoint.eval_prompts]
   padded, lens = engine.pad_prompts(prompts)
   eng = engine.Engine(target_cfg, drafter, engine.DecodeConfig(
-      window=c.eval.window, max_new_tokens=min(c.eval.max_new_tokens, 32)))
+      window=config_lib.eval_window(c), max_new_tokens=min(c.eval.max_new_tokens, 32)))
 
   def evaluate(state) -> float:
     params = train_step.join_params(drafter, state.params, constants)
@@ -101,6 +101,22 @@ def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, con
     return out.stats.summary()["tau"]
 
   return evaluate
+
+
+def stage_plan(c, name: str) -> dict:
+  """Steps, batch, iterator seed, updates per batch and optimizer section of a stage.
+
+  The continued-baseline control is budget-matched to PPOW: PPOW's batches (same size, same
+  iterator seed, so the same sequences in the same order), ``ppo_epochs`` updates on each (as
+  PPOW updates ``ppo_epochs`` times per rollout) and a schedule of PPOW's shape
+  (``config_lib.validate`` checks ``continued.optim``).
+  """
+  if name == "baseline":
+    return {"steps": c.baseline.steps, "batch_size": c.baseline.batch_size,
+            "seed": c.seed + 100, "updates_per_batch": 1, "optim": "baseline"}
+  ppow = {"steps": c.ppow.steps, "batch_size": c.ppow.batch_size, "seed": c.seed + 200,
+          "updates_per_batch": c.ppow.ppo_epochs}
+  return dict(ppow, optim="ppow" if name == "ppow" else "continued")
 
 
 def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_params,
@@ -118,26 +134,21 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
   trainable, constants = train_step.split_params(drafter, init_params)
   # a private copy: the jitted step donates its state, and other stages start from init_params
   trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
-  if name == "baseline":
-    steps, batch = c.baseline.steps, c.baseline.batch_size
-    optim = config_lib.optim_config(c.baseline.optim)
-  elif name == "ppow":
-    steps, batch = c.ppow.steps, c.ppow.batch_size
-    optim = config_lib.optim_config(c.ppow.optim)
-  else:  # continued baseline: the same training sequences as PPOW consumed
-    steps = -(-c.ppow.steps * c.ppow.batch_size // c.baseline.batch_size)
-    batch = c.baseline.batch_size
-    optim = config_lib.optim_config(c.continued.optim)
-  optimizer = train_step.make_optimizer(optim)
+  plan = stage_plan(c, name)
+  steps, batch = plan["steps"], plan["batch_size"]
+  optimizer = train_step.make_optimizer(config_lib.optim_config(c[plan["optim"]].optim))
   if name == "ppow":
     pcfg = config_lib.ppow_config(c, gamma)
-    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer)
+    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer,
+                                     config_lib.baseline_config(c))
+    init = train_step.init_ppow_state(trainable, optimizer, jax.random.PRNGKey(plan["seed"]),
+                                      pcfg, batch, c.data.seq_len)
   else:
     step = train_step.make_baseline_step(target_cfg, drafter, config_lib.baseline_config(c),
-                                         optimizer)
-  seed = c.seed + {"baseline": 100, "ppow": 200, "continued": 300}[name]
-  state = par.place_train_state(drafter, train_step.init_state(trainable, optimizer,
-                                                              jax.random.PRNGKey(seed)))
+                                         optimizer, plan["updates_per_batch"])
+    init = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(plan["seed"]))
+  seed = plan["seed"]
+  state = par.place_train_state(drafter, init)
   constants = par.place_replicated(constants)
   it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
   jitted = par.jit_train_step(step, state, target_params, constants,
@@ -147,16 +158,18 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep, c.checkpoint.eval_every)
   t0 = time.perf_counter()
-  windows = []
+  counts = {"windows": [], "updates": [], "target_calls": []}
+  record = lambda s, m: [v.append(m.get(key, 0.0)) for key, v in counts.items()]
   state = trainer.run(name, jitted, state, (target_params, constants), it,
                       os.path.join(workdir, "checkpoints", name), loop, writer,
-                      on_metrics=lambda s, m: windows.append(m.get("windows", 0.0)),
+                      on_metrics=record,
                       evaluate=_greedy_tau_fn(c, target_cfg, target_params, drafter, constants,
                                               data))
   writer.close()
   params = train_step.join_params(drafter, state.params, constants)
   info = {"stage": name, "steps": steps, "batch_size": batch,
-          "sequences": steps * batch, "windows": float(np.sum(windows)),
+          "sequences": steps * batch, "iterator_seed": seed,
+          **{key: float(np.sum(v)) for key, v in counts.items()},
           "train_seconds_this_run": time.perf_counter() - t0, "gamma": gamma}
   if jax.process_index() == 0:
     export(drafter, params, out_dir, data.tokenizer)
