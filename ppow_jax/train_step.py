@@ -164,6 +164,38 @@ def _select_windows(cfg: rollout.PPOWConfig, step: Array, rng: Array,
   return row_R, start_R, valid_R, chosen_R, windowing.spend(pool, row_R, start_R, valid_R)
 
 
+def trained_positions(ro: rollout.Rollout, window: int) -> Array:
+  """``[N, K]``: the accepted prefix and the first rejected token of each real window."""
+  return objectives.tokens_that_mattered_mask(ro.accepted_N, window) & ro.valid_N[:, None]
+
+
+def ppow_window_loss(drafter: Drafter, cfg: rollout.PPOWConfig, params, target_params,
+              tokens_RxT: Array, tpass: teacher_forcing.TargetPass, ro: rollout.Rollout,
+              ttt_loss: Optional[Array] = None) -> tuple[Array, dict]:
+  """Clipped surrogate + ω · anchor on the rollout's windows, re-drafted under ``params``.
+
+  The anchor is ``D(p ‖ q)`` at the trained window positions: ``q`` the drafter's self-fed
+  prediction there (forced along the sampled window), ``p`` the target after the same draft
+  prefix; ``ttt_loss`` (weighted by ``anchor_ttt_weight``) is added to it when given.
+  """
+  k = cfg.window
+  trained_NxK = trained_positions(ro, k)
+  dpass = teacher_forcing.drafter_pass(drafter, params, target_params, tokens_RxT, tpass, k + 2)
+  chain, buffer, n_N = teacher_forcing.chain_states(drafter, dpass, tokens_RxT, ro.seq_N,
+                                                    ro.start_N, k + 2)
+  _, logits_NxKxV, _ = drafter.draft(params, target_params, chain, buffer, n_N,
+                                     jax.random.PRNGKey(0), k, 1.0, 1.0,
+                                     forced_BxK=ro.tokens_NxK)  # forced: the key is unused
+  logq_NxKxV = jax.nn.log_softmax(logits_NxKxV, -1)
+  logq_new = objectives.token_log_probs(logq_NxKxV, ro.tokens_NxK)
+  anchor = divergences.token_loss(cfg.anchor_divergence, ro.logp_NxKxV, logq_NxKxV, trained_NxK)
+  if ttt_loss is not None:
+    anchor = anchor + cfg.anchor_ttt_weight * ttt_loss
+  return objectives.ppow_loss(logq_new, ro.logq_old_NxK, ro.advantage_N, trained_NxK,
+                              omega=cfg.omega, clip_eps=cfg.clip_eps, ratio=cfg.ratio,
+                              anchor_loss=anchor)
+
+
 def make_ppow_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: rollout.PPOWConfig,
                    optimizer: optax.GradientTransformation,
                    baseline_cfg: Optional[BaselineConfig] = None) -> Callable:
@@ -206,30 +238,17 @@ def make_ppow_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: rollout
     pool = jax.lax.cond(refresh, rescore, lambda p: p, pool)
     # 2. R windows across the pool, then their rows' target pass (room for G·K window slots)
     row_R, start_R, valid_R, chosen_R, pool = _select_windows(cfg, state.step, k_sel, pool, r)
-    tokens_R, mask_R = pool.tokens_PxT[row_R], pool.mask_PxT[row_R]
+    tokens_R = pool.tokens_PxT[row_R]
     tpass_r = target_pass(tokens_R, g * k)
     ro = rollout.rollout(target_cfg, drafter, cfg, target_params, params_now, tokens_R, start_R,
                          valid_R, tpass_r, k_roll)
-    trained_NxK = objectives.tokens_that_mattered_mask(ro.accepted_N, k) & ro.valid_N[:, None]
 
     def loss_fn(trainable):
       params = join_params(drafter, trainable, constants)
-      dpass = teacher_forcing.drafter_pass(drafter, params, target_params, tokens_R, tpass_r,
-                                           k + 2)
-      chain, buffer, n_N = teacher_forcing.chain_states(drafter, dpass, tokens_R, ro.seq_N,
-                                                        ro.start_N, k + 2)
-      _, logits_NxKxV, _ = drafter.draft(params, target_params, chain, buffer, n_N, rng, k,
-                                         1.0, 1.0, forced_BxK=ro.tokens_NxK)
-      logq_NxKxV = jax.nn.log_softmax(logits_NxKxV, -1)
-      logq_new = objectives.token_log_probs(logq_NxKxV, ro.tokens_NxK)
-      anchor = divergences.token_loss(cfg.anchor_divergence, ro.logp_NxKxV, logq_NxKxV,
-                                      trained_NxK)
+      ttt = None
       if cfg.anchor_ttt_weight > 0:
-        anchor = anchor + cfg.anchor_ttt_weight * token_loss(
-            drafter, baseline_cfg, params, target_params, tokens, mask, tpass_b)[0]
-      return objectives.ppow_loss(logq_new, ro.logq_old_NxK, ro.advantage_N, trained_NxK,
-                                  omega=cfg.omega, clip_eps=cfg.clip_eps, ratio=cfg.ratio,
-                                  anchor_loss=anchor)
+        ttt = token_loss(drafter, baseline_cfg, params, target_params, tokens, mask, tpass_b)[0]
+      return ppow_window_loss(drafter, cfg, params, target_params, tokens_R, tpass_r, ro, ttt)
 
     def epoch(st, _):
       (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)

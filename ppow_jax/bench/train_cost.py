@@ -35,13 +35,16 @@ def measure(c, workdir: str, repeats: int) -> dict:
   drafter, init = drafter_stages.build_drafter(c, tcfg, data)
   trainable, constants = train_step.split_params(drafter, init)
   opt = train_step.make_optimizer(config_lib.optim_config(c.baseline.optim))
-  state = train_step.init_state(trainable, opt, jax.random.PRNGKey(0))
+  pcfg = config_lib.ppow_config(c, max(c.ppow.gamma, 0.0))
+  states = {"baseline": train_step.init_state(trainable, opt, jax.random.PRNGKey(0)),
+            "ppow": train_step.init_ppow_state(trainable, opt, jax.random.PRNGKey(0), pcfg,
+                                               c.ppow.batch_size, c.data.seq_len)}
   steps = {
       "baseline": (jax.jit(train_step.make_baseline_step(tcfg, drafter,
                                                          config_lib.baseline_config(c), opt)),
                    c.baseline.batch_size),
-      "ppow": (jax.jit(train_step.make_ppow_step(tcfg, drafter,
-                                                 config_lib.ppow_config(c, c.ppow.gamma), opt)),
+      "ppow": (jax.jit(train_step.make_ppow_step(tcfg, drafter, pcfg, opt,
+                                                 config_lib.baseline_config(c))),
                c.ppow.batch_size),
   }
   batches = {name: next(datasets.train_iterator(data, c.data.seq_len, b, 0))
@@ -49,12 +52,12 @@ def measure(c, workdir: str, repeats: int) -> dict:
   times = {name: [] for name in steps}
   windows = {}
   for name, (fn, _) in steps.items():  # compile
-    _, m = fn(state, tparams, constants, batches[name])
+    _, m = fn(states[name], tparams, constants, batches[name])
     windows[name] = float(m["windows"])
   for _ in range(repeats):
     for name, (fn, _) in steps.items():
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(state, tparams, constants, batches[name]))
+      jax.block_until_ready(fn(states[name], tparams, constants, batches[name]))
       times[name].append(time.perf_counter() - t0)
   out = {}
   for name in steps:
