@@ -237,9 +237,11 @@ def validate(c) -> None:
   ppow_config(c, max(c.ppow.gamma, 0.0))
   if c.ppow.gamma < 0 and c.ppow.gamma != -1:
     raise UserError(f"config.ppow.gamma must be >= 0, or -1 to measure; got {c.ppow.gamma}")
-  if c.ppow.starts_per_seq > c.data.seq_len - 2:
+  per_seq = -(-(c.data.seq_len - 2) // c.ppow.window)  # non-overlapping windows per sequence
+  if c.ppow.starts_per_seq > per_seq:  # the first step's pool holds only its own batch
     raise UserError(f"config.ppow.starts_per_seq={c.ppow.starts_per_seq} exceeds the "
-                    f"candidate starts of a sequence (data.seq_len - 2 = {c.data.seq_len - 2})")
+                    f"non-overlapping windows of a sequence ({per_seq} at "
+                    f"data.seq_len={c.data.seq_len}, ppow.window={c.ppow.window})")
   if c.eval.window < 1 and c.eval.window != -1:
     raise UserError(f"config.eval.window must be >= 1, or -1 for ppow.window; got "
                     f"{c.eval.window}")
