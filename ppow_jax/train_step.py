@@ -170,8 +170,8 @@ def trained_positions(ro: rollout.Rollout, window: int) -> Array:
 
 
 def ppow_window_loss(drafter: Drafter, cfg: rollout.PPOWConfig, params, target_params,
-              tokens_RxT: Array, tpass: teacher_forcing.TargetPass, ro: rollout.Rollout,
-              ttt_loss: Optional[Array] = None) -> tuple[Array, dict]:
+                     tokens_RxT: Array, tpass: teacher_forcing.TargetPass, ro: rollout.Rollout,
+                     ttt_loss: Optional[Array] = None) -> tuple[Array, dict]:
   """Clipped surrogate + ω · anchor on the rollout's windows, re-drafted under ``params``.
 
   The anchor is ``D(p ‖ q)`` at the trained window positions: ``q`` the drafter's self-fed
