@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax import (config_lib, drafter_stages, drafters, rollout, teacher_forcing,
-                      train_step, trainer)
+                      train_step, trainer, windowing)
 from ppow_jax.data import pipeline
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -225,6 +225,27 @@ class ConfigValidationTest(absltest.TestCase):
     c.eval.window = 0
     with self.assertRaisesRegex(UserError, "config.eval.window must be >= 1, or -1"):
       config_lib.validate(c)
+
+
+class WindowSelectionTest(absltest.TestCase):
+
+  def test_uniform_warmup_then_adaw_and_spent_starts(self):
+    cfg = _ppow_cfg(window=2, selection="topk", adaw_warmup_steps=3)
+    pool = windowing.init_pool(2, 10)
+    scores = np.zeros((2, 10), np.float32)
+    scores[1, 6] = 9.0  # ADAW's clear favourite
+    scores[0, 0] = -np.inf
+    pool = pool.replace(scores_PxT=jnp.asarray(scores))
+    select = jax.jit(lambda step, key: train_step._select_windows(cfg, step, key, pool, 1))
+    picks = {step: {tuple(int(x[0]) for x in select(step, jax.random.PRNGKey(i))[:2])
+                    for i in range(20)} for step in (0, 2, 3, 7)}
+    self.assertEqual(picks[3], {(1, 6)})
+    self.assertEqual(picks[7], {(1, 6)})
+    self.assertGreater(len(picks[0]), 5)  # uniform during the warm-up
+    self.assertNotIn((0, 0), picks[0] | picks[2])
+    *_, spent = select(5, jax.random.PRNGKey(0))
+    self.assertEqual(float(spent.scores_PxT[1, 6]), -np.inf)  # trained: out until re-scored
+    self.assertEqual(float(spent.scores_PxT[1, 5]), 0.0)
 
 
 class BudgetMatchedControlTest(absltest.TestCase):
