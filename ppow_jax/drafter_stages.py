@@ -158,7 +158,7 @@ def run_stage(c, workdir: str, name: str, target_cfg: llama.ModelConfig, target_
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep, c.checkpoint.eval_every)
   t0 = time.perf_counter()
-  counts = {"windows": [], "updates": [], "target_calls": []}
+  counts = {"windows": [], "updates": [], "target_calls": [], "target_tokens": []}
   record = lambda s, m: [v.append(m.get(key, 0.0)) for key, v in counts.items()]
   state = trainer.run(name, jitted, state, (target_params, constants), it,
                       os.path.join(workdir, "checkpoints", name), loop, writer,

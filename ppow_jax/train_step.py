@@ -145,7 +145,8 @@ def make_baseline_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Bas
     metrics = jax.tree_util.tree_map(lambda x: x[-1], metrics)
     metrics = dict(metrics, windows=jnp.asarray(tokens.shape[0] * tokens.shape[1], jnp.float32),
                    updates=jnp.asarray(updates_per_batch, jnp.float32),
-                   target_calls=jnp.ones((), jnp.float32))
+                   target_calls=jnp.ones((), jnp.float32),
+                   target_tokens=jnp.asarray(tokens.size, jnp.float32))
     return state.replace(step=state.step + 1), metrics
 
   return step
@@ -263,6 +264,8 @@ def make_ppow_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: rollout
         updates=jnp.asarray(cfg.ppo_epochs, jnp.float32),
         # batch scoring, the rows' pass, verification; a refresh adds one call per B rows
         target_calls=3.0 + refresh * (rows // b),
+        target_tokens=jnp.asarray(tokens.size + tokens_R.size + r * g * k, jnp.float32)
+        + refresh * pool.tokens_PxT.size,
         adaw_selected_mean=jnp.sum(jnp.where(valid_R, chosen_R, 0)) / jnp.maximum(
             valid_R.sum(), 1),
         adaw_pool_mean=jnp.sum(jnp.where(finite, pool.scores_PxT, 0)) / jnp.maximum(

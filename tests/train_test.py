@@ -85,6 +85,8 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     # the pool holds the last two batches; a refresh every 5 steps re-scores its 2 chunks
     np.testing.assert_array_equal(state.pool.tokens_PxT, np.concatenate([toks, toks]))
     self.assertEqual(calls[:6], [3.0, 3.0, 3.0, 3.0, 3.0, 5.0])
+    # batch (4×24) + 16 window rows (16×24) + 16×8 windows of 4 tokens
+    self.assertEqual(float(metrics["target_tokens"]), 4 * 24 + 16 * 24 + 16 * 8 * 4)
     self.assertEqual(float(metrics["updates"]), 2.0)
     self.assertEqual(float(metrics["windows"]), 16 * 8)
 
@@ -262,7 +264,9 @@ class BudgetMatchedControlTest(absltest.TestCase):
     self.assertNotEqual(drafter_stages.stage_plan(c, "baseline")["seed"], ppow["seed"])
 
   def test_updates_per_batch_repeats_the_update_on_one_batch(self):
-    _, _, cfg, opt, _ = _tiny_lm_setup()
+    cfg = llama.ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
+                            num_heads=2, num_kv_heads=1)
+    opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2, warmup_steps=2))
     dr = drafters.LMDrafter(cfg)
     bcfg = train_step.BaselineConfig(ttt_steps=1)
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
@@ -275,6 +279,7 @@ class BudgetMatchedControlTest(absltest.TestCase):
     got, metrics = two(state, params, None, batch)
     self.assertEqual(int(got.step), 1)
     self.assertEqual(float(metrics["updates"]), 2.0)
+    self.assertEqual(float(metrics["target_tokens"]), 2 * 9)  # one pass for both updates
     for x, y in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want.params)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
