@@ -97,27 +97,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.ppow.group_size = 8  # G: windows per start (advantages standardised within)
   c.ppow.starts_per_seq = 4  # ADAW: window starts chosen per sequence
   c.ppow.gamma = 0.1  # drafter/target cost ratio for the speed reward; -1 = measure here
-  c.ppow.speed_form = "committed_per_cost"  # (a+1)/(1+γK) | "paper_summary": a/(aγ+1)
+  c.ppow.speed_form = "paper"  # speed reward: "paper" a/(aγ+1) | "committed_per_cost" (a+1)/(1+γK)
   c.ppow.use_speed = True  # ablation: Cost-Aware Speedup Reward on/off
   c.ppow.use_prox = True  # ablation: Distribution-Based Proximity Reward on/off
-  c.ppow.prox_form = "expected_length"  # Σ_k Π α_i | "indicator": η·1[Δ<ε]
+  c.ppow.prox_form = "indicator"  # "indicator": η·1[Δ<ε] if a=0 (paper) | "expected_length"
   c.ppow.lambda_prox = 1.0  # weight of the proximity reward
-  c.ppow.prox_eta = 1.0  # indicator form: reward value
-  c.ppow.prox_eps = 1.0  # indicator form: log-prob gap threshold
-  c.ppow.selection = "topk"  # ADAW selection: topk | softmax | uniform (ablation)
-  c.ppow.selection_temperature = 1.0  # softmax selection temperature
+  c.ppow.prox_eta = 1.0  # indicator form: reward value η
+  c.ppow.prox_eps = 1.0  # indicator form: threshold ε on the target log-prob gap Δ (nats)
+  c.ppow.selection = "topk"  # ADAW selection across the pool: topk | softmax | uniform (ablation)
+  c.ppow.selection_temperature = 1.0  # softmax selection temperature τ_w
+  c.ppow.pool_size = 16  # ADAW pool: sequences kept across steps (multiple of batch_size; 0 = batch)
+  c.ppow.pool_refresh_every = 10  # steps between re-scoring the whole pool with the drafter
+  c.ppow.adaw_warmup_steps = 0  # uniform window selection for the first steps, then ADAW
+  c.ppow.adaw_scoring = "self_fed"  # ADAW's q: "self_fed" (K-step unroll) | "teacher_forced"
   c.ppow.clip_eps = 0.2  # PPO clip ε
   c.ppow.ratio = "token"  # PPO ratio: token | geometric_mean (GTO)
-  c.ppow.omega = 0.5  # weight of the target-anchored token loss
-  c.ppow.anchor_divergence = "forward_kl"  # divergence of that anchor
+  c.ppow.omega = 0.5  # weight of the anchor: D(p‖q) to the target at the trained window positions
+  c.ppow.anchor_divergence = "forward_kl"  # divergence D of that anchor
+  c.ppow.anchor_ttt_weight = 0.0  # > 0: adds this × the baseline's TTT loss on the batch
   c.ppow.ppo_epochs = 2  # updates per rollout
   c.ppow.adv_delta = 1e-6  # δ in the group standardisation
+  c.ppow.adv_min_std = 1e-3  # groups whose reward std is below this get zero advantage
   c.ppow.optim = optim(3e-4, 10, 60)
 
   # --- Continued-baseline control ---
   c.continued = ml_collections.ConfigDict()
-  c.continued.enabled = True  # train the baseline on for PPOW's data budget (same sequences)
-  c.continued.optim = optim(3e-4, 10, 60)  # same schedule shape as PPOW's
+  c.continued.enabled = True  # the baseline on PPOW's batches, in order, with PPOW's update count
+  c.continued.optim = optim(3e-4, 10, 60)  # schedule shape must equal ppow.optim's
 
   # --- Evaluation (docs/protocol.md's unified protocol) ---
   c.eval = ml_collections.ConfigDict()
@@ -127,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt_policy = "truncate_left"  # longer prompts: "truncate_left" (warn) | "reject"
   c.eval.max_new_tokens = 64  # new tokens per prompt
   c.eval.temperatures = (0.0, 1.0)  # decoding temperatures
-  c.eval.window = 4  # K at evaluation
+  c.eval.window = -1  # K at evaluation; -1 = ppow.window (train and evaluate one K)
   c.eval.batch_sizes = (1, 8)  # 1 = the speedup protocol; >1 = batched throughput
   c.eval.repeats = 3  # timed runs; speedups use the median
   c.eval.eos = True  # stop at the tokenizer's EOS
@@ -206,10 +212,11 @@ def real_run(preset: str, arg: str | None, tensor: int) -> ml_collections.Config
   c.baseline.optim = optim(1e-4, 500, 20000)
   c.ppow.steps, c.ppow.batch_size = 4000, 16
   c.ppow.window = 10  # K
+  c.ppow.pool_size = 64  # ADAW pool: four batches
   c.ppow.gamma = -1  # measure on the hardware at hand
   c.ppow.optim = optim(5e-6, 100, 4000)  # GTO's learning rate
   c.continued.optim = optim(5e-6, 100, 4000)
-  c.eval.window, c.eval.max_new_tokens, c.eval.batch_sizes = 7, 512, (1, 8)
+  c.eval.max_new_tokens, c.eval.batch_sizes = 512, (1, 8)  # eval.window: ppow.window
   c.eval.num_prompts = 80  # e.g. MT-Bench / HumanEval / GSM8K question files
   c.eval.prompt_len = 1024
   c.sharding.drafter_params = "fsdp"

@@ -84,7 +84,7 @@ def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, con
   prompts = datasets.eval_prompts(c, data)[:c.checkpoint.eval_prompts]
   padded, lens = engine.pad_prompts(prompts)
   eng = engine.Engine(target_cfg, drafter, engine.DecodeConfig(
-      window=c.eval.window, max_new_tokens=min(c.eval.max_new_tokens, 32)))
+      window=settings.eval_window(c), max_new_tokens=min(c.eval.max_new_tokens, 32)))
 
   def evaluate(state) -> float:
     params = train_step.join_params(drafter, state.params, constants)
@@ -112,15 +112,19 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
   trainable, constants = train_step.split_params(drafter, init_params)
   # a private copy: the jitted step donates its state, and other stages start from init_params
   trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
-  steps, batch, optim_node = stage.schedule(c)
+  steps, batch, optim_node, updates_per_batch = stage.schedule(c)
   optimizer = train_step.make_optimizer(settings.optim(optim_node))
-  if name == "ppow":
-    step = train_step.make_ppow_step(target_cfg, drafter, settings.ppow(c, gamma), optimizer)
-  else:
-    step = train_step.make_baseline_step(target_cfg, drafter, settings.baseline(c), optimizer)
   seed = c.seed + stage.seed_offset
-  state = par.place_train_state(drafter, train_step.init_state(trainable, optimizer,
-                                                              jax.random.PRNGKey(seed)))
+  if name == "ppow":
+    pcfg = settings.ppow(c, gamma)
+    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer, settings.baseline(c))
+    init = train_step.init_ppow_state(trainable, optimizer, jax.random.PRNGKey(seed), pcfg,
+                                      batch, c.data.seq_len)
+  else:
+    step = train_step.make_baseline_step(target_cfg, drafter, settings.baseline(c), optimizer,
+                                         updates_per_batch)
+    init = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(seed))
+  state = par.place_train_state(drafter, init)
   constants = par.place_replicated(constants)
   it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
   jitted = par.jit_train_step(step, state, target_params, constants,
@@ -137,8 +141,8 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
   writer.close()
   params = train_step.join_params(drafter, state.params, constants)
   info = {"stage": name, "steps": steps, "batch_size": batch, "sequences": steps * batch,
-          "windows": totals["windows"], "train_seconds": totals["seconds"], "gamma": gamma,
-          "settings": recorded}
+          "iterator_seed": seed, **{key: totals[key] for key in trainer.COUNTED},
+          "train_seconds": totals["seconds"], "gamma": gamma, "settings": recorded}
   if sharding.is_primary():
     export(drafter, params, out_dir, data.tokenizer)
     cli.write_json(paths.info(name), info)

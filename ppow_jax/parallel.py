@@ -132,11 +132,12 @@ class Parallel:
                             ) -> train_step.TrainState:
     """A TrainState of NamedShardings for ``state`` (concrete or abstract, e.g. for a
     checkpoint restore): params per ``drafter_params``, the optimizer state mirroring them,
-    step and rng replicated."""
+    step, rng and PPOW's ADAW pool replicated."""
     params = self.trainable_shardings(drafter)
     opt = _mirror_params(state.opt_state, state.params, params, self.replicated)
     return state.replace(step=self.replicated, params=params, opt_state=opt,
-                         rng=self.replicated)
+                         rng=self.replicated,
+                         pool=jax.tree_util.tree_map(lambda _: self.replicated, state.pool))
 
   def _param_shardings(self, model_cfg, rules: Optional[sharding.Rules], what: str) -> Any:
     """From the model's abstract params (nothing allocated); ``rules=None``: replicated.

@@ -94,7 +94,7 @@ def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
     os.makedirs(paths.checkpoints("target"), exist_ok=True)
     cli.write_json(paths.settings_file("target"), recorded)
   cfg = settings.target_arch(c, data.tokenizer.vocab_size)
-  steps, batch, optim_node = stage.schedule(c)
+  steps, batch, optim_node, _ = stage.schedule(c)
   optimizer = train_step.make_optimizer(settings.optim(optim_node))
   par = par or parallel.Parallel.single_device(c)
   params = par.place_target(cfg, llama.init_params(cfg, jax.random.PRNGKey(c.seed)))

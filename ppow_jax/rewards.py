@@ -4,13 +4,15 @@ A window is K tokens the drafter sampled from one start position; the target ver
 accepted ``a`` leading tokens. Rewards are per window (shape ``[N]``) and are constants for the
 policy gradient: callers never differentiate through them (``total_reward`` stops gradients).
 
-* Cost-Aware Speedup Reward: tokens committed per unit of cost, ``(a + 1) / (1 + γ·n_drafted)``
-  (a verification costs 1, a draft step γ). The published summary's ``a / (a·γ + 1)`` is the
-  ``"paper_summary"`` form.
-* Distribution-Based Proximity Reward: the expected accepted length of the sampled window under
-  the target, ``Σ_k Π_{i≤k} α_i``, where ``α_i = Σ_x min(p_i, q_i)`` along the sampled prefix. It
-  is dense (distributions, not the accept/reject coin flips). Option: the indicator
-  ``η · 1[Δ < ε]`` with Δ from ``greedy_log_prob_gap``.
+* Cost-Aware Speedup Reward (the paper's, default ``"paper"``): ``a / (a·γ + 1)``, rising with
+  ``a`` and saturating at ``1/γ``. Option ``"committed_per_cost"``: ``(a + 1) / (1 + γ·n_drafted)``;
+  with a fixed window ``n_drafted = K`` its cost factor is the same for the whole group, so
+  group standardisation removes γ from it entirely.
+* Distribution-Based Proximity Reward (the paper's, default ``"indicator"``): ``η · 1[Δ < ε]``
+  for windows with ``a = 0`` only, Δ from ``greedy_log_prob_gap``. Option ``"expected_length"``:
+  ``E[a | ŷ] = Σ_k Π_{i<k} β_i`` with ``β_i = min(1, p_i(ŷ_i)/q_i(ŷ_i))`` the probability that
+  rejection sampling accepts the *sampled* token — dense (no coin flips) and, unlike
+  ``Σ_k Π α_i``, dependent on every sampled token (α₀ is the same for all windows of a group).
 """
 
 from __future__ import annotations
@@ -26,20 +28,19 @@ from ppow_jax.errors import UserError
 
 Array = jax.Array
 
-SPEED_FORMS = ("committed_per_cost", "paper_summary")
-PROX_FORMS = ("expected_length", "indicator")
+SPEED_FORMS = ("paper", "committed_per_cost")
+PROX_FORMS = ("indicator", "expected_length")
 
 
-def speed_reward(accepted_N: Array, n_drafted_N: Array, gamma: float,
-                 form: str = "committed_per_cost") -> Array:
+def speed_reward(accepted_N: Array, n_drafted_N: Array, gamma: float, form: str) -> Array:
   """Cost-Aware Speedup Reward per window.
 
   Args:
     accepted_N: accepted draft tokens ``a`` per window.
-    n_drafted_N: draft steps spent per window (K for a fixed window); broadcasts.
+    n_drafted_N: draft steps spent per window (K for a fixed window); broadcasts. Only the
+      ``"committed_per_cost"`` form reads it.
     gamma: cost of one draft step relative to one target verification (>= 0).
-    form: ``"committed_per_cost"``: ``(a + 1) / (1 + γ·n_drafted)`` (default; docs/protocol.md);
-      ``"paper_summary"``: ``a / (a·γ + 1)`` (ignores ``n_drafted``).
+    form: ``"paper"``: ``a / (a·γ + 1)``; ``"committed_per_cost"``: ``(a + 1) / (1 + γ·n)``.
   """
   if form not in SPEED_FORMS:
     raise UserError(f"unknown speed reward form {form!r}; expected one of {SPEED_FORMS}")
@@ -51,27 +52,34 @@ def speed_reward(accepted_N: Array, n_drafted_N: Array, gamma: float,
   return a / (a * gamma + 1.0)
 
 
-def proximity_reward(alpha_NxK: Array, valid_NxK: Optional[Array] = None) -> Array:
-  """Distribution-Based Proximity Reward ``Σ_k Π_{i≤k} α_i`` per window.
+def sampled_accept_probs(logp_NxKxV: Array, logq_NxKxV: Array, tokens_NxK: Array) -> Array:
+  """``β_i = min(1, p_i(ŷ_i) / q_i(ŷ_i))``: the chance rejection sampling keeps sampled ŷ_i."""
+  pick = lambda x: jnp.take_along_axis(x, tokens_NxK[..., None].astype(jnp.int32), -1)[..., 0]
+  logp_NxK = jnp.maximum(pick(logp_NxKxV), LOG_FLOOR)
+  logq_NxK = jnp.maximum(pick(logq_NxKxV), LOG_FLOOR)
+  return jnp.exp(jnp.minimum(logp_NxK - logq_NxK, 0.0))
 
-  ``valid_NxK`` marks each window's drafted positions (a prefix mask for windows shorter than
-  K); an invalid position counts as α = 0, so nothing after it contributes.
+
+def expected_length_reward(accept_NxK: Array, valid_NxK: Optional[Array] = None) -> Array:
+  """``Σ_k Π_{i<k} β_i`` per window: its accepted length averaged over the accept coins.
+
+  ``accept_NxK`` is ``sampled_accept_probs``; ``valid_NxK`` marks each window's drafted
+  positions (a prefix mask); an invalid position counts as 0, so nothing after it contributes.
   """
-  alpha_NxK = jnp.clip(alpha_NxK, 0.0, 1.0)
+  accept_NxK = jnp.clip(accept_NxK, 0.0, 1.0)
   if valid_NxK is not None:
-    alpha_NxK = jnp.where(valid_NxK, alpha_NxK, 0.0)
-  return acceptance.expected_accepted(alpha_NxK)
+    accept_NxK = jnp.where(valid_NxK, accept_NxK, 0.0)
+  return acceptance.expected_accepted(accept_NxK)
 
 
 def greedy_log_prob_gap(logp_NxKxV: Array, sampled_NxK: Array,
                         valid_NxK: Optional[Array] = None) -> Array:
-  """Δ = Σ_i [log p_i(greedy_i) − log p_i(sampled_i)] over each window's valid positions.
+  """Δ = Σ_i [log p_i(y_i) − log p_i(ŷ_i)] over each window's valid positions.
 
-  Our reading of "the cumulative log-probability gap between the sampled window and the
-  target's greedy window": ``p_i`` is the target's distribution after the *sampled* prefix
-  (teacher-forced, so one target pass suffices) and ``greedy_i = argmax p_i``. Δ >= 0, and
-  Δ = 0 exactly when every sampled token is the target's greedy choice, i.e. when the sampled
-  window *is* the target's greedy window. Log-probs are floored at LOG_FLOOR (finite Δ).
+  ``p_i`` is the target's distribution after the *draft* prefix ŷ_<i (what verification
+  computes, one target pass), ``y_i = argmax p_i`` the target's greedy token there and ŷ_i the
+  drafted one. Δ >= 0, and Δ = 0 exactly when every drafted token is the target's greedy
+  choice. Log-probs are floored at LOG_FLOOR (finite Δ).
   """
   logp_NxKxV = jnp.maximum(logp_NxKxV, LOG_FLOOR)
   best_NxK = jnp.max(logp_NxKxV, axis=-1)
@@ -82,22 +90,22 @@ def greedy_log_prob_gap(logp_NxKxV: Array, sampled_NxK: Array,
   return jnp.sum(gap_NxK, axis=-1)
 
 
-def proximity_indicator(delta_N: Array, eta: float, eps: float) -> Array:
-  """Sparse proximity reward ``η · 1[Δ < ε]``."""
-  return eta * (delta_N < eps).astype(jnp.float32)
+def proximity_indicator(delta_N: Array, accepted_N: Array, eta: float, eps: float) -> Array:
+  """The paper's proximity reward ``η · 1[Δ < ε]``, given only to windows with ``a = 0``."""
+  hit_N = (delta_N < eps) & (jnp.asarray(accepted_N) == 0)
+  return eta * hit_N.astype(jnp.float32)
 
 
-def total_reward(accepted_N: Array, n_drafted_N: Array, alpha_NxK: Optional[Array] = None,
-                 valid_NxK: Optional[Array] = None, delta_N: Optional[Array] = None, *,
-                 gamma: float, lambda_prox: float = 1.0, use_speed: bool = True,
-                 use_prox: bool = True, speed_form: str = "committed_per_cost",
-                 prox_form: str = "expected_length", eta: float = 1.0,
-                 eps: float = 1.0) -> tuple[Array, dict[str, Array]]:
+def total_reward(accepted_N: Array, n_drafted_N: Array, *, gamma: float, lambda_prox: float,
+                 use_speed: bool, use_prox: bool, speed_form: str, prox_form: str,
+                 eta: float, eps: float, delta_N: Optional[Array] = None,
+                 accept_NxK: Optional[Array] = None,
+                 valid_NxK: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
   """``R = R_speed + λ_prox · R_prox`` per window, each term switchable for ablations.
 
-  Needs ``alpha_NxK`` for ``prox_form="expected_length"`` and ``delta_N`` for ``"indicator"``.
-  Returns ``(R_N, components)`` with components ``speed``, ``prox`` (before λ) and ``total``,
-  all ``[N]`` and gradient-free (a switched-off term is zeros).
+  Needs ``delta_N`` for ``prox_form="indicator"`` and ``accept_NxK`` (β) for
+  ``"expected_length"``. Returns ``(R_N, components)`` with components ``speed``, ``prox``
+  (before λ) and ``total``, all ``[N]`` and gradient-free (a switched-off term is zeros).
   """
   if not (use_speed or use_prox):
     raise UserError("reward: use_speed and use_prox are both off; the reward would be constant")
@@ -107,29 +115,35 @@ def total_reward(accepted_N: Array, n_drafted_N: Array, alpha_NxK: Optional[Arra
   speed_N = speed_reward(accepted_N, n_drafted_N, gamma, speed_form) if use_speed else zeros_N
   prox_N = zeros_N
   if use_prox and prox_form == "expected_length":
-    if alpha_NxK is None:
-      raise UserError("reward: prox_form='expected_length' needs alpha_NxK")
-    prox_N = proximity_reward(alpha_NxK, valid_NxK)
+    if accept_NxK is None:
+      raise UserError("reward: prox_form='expected_length' needs accept_NxK "
+                      "(see sampled_accept_probs)")
+    prox_N = expected_length_reward(accept_NxK, valid_NxK)
   elif use_prox:
     if delta_N is None:
       raise UserError("reward: prox_form='indicator' needs delta_N (see greedy_log_prob_gap)")
-    prox_N = proximity_indicator(delta_N, eta, eps)
+    prox_N = proximity_indicator(delta_N, accepted_N, eta, eps)
   components = jax.lax.stop_gradient(
       {"speed": speed_N, "prox": prox_N, "total": speed_N + lambda_prox * prox_N})
   return components["total"], components
 
 
-def group_advantages(rewards_MxG: Array, delta: float = 1e-6) -> Array:
+def group_advantages(rewards_MxG: Array, delta: float, min_std: float) -> Array:
   """``A = (R − mean_G R) / (std_G R + δ)`` within each group along the last axis.
 
   A group is the G windows sampled from the same start. ``std`` is the population standard
-  deviation (ddof = 0, our choice: the sample std of GRPO-style code is √(G/(G−1)) larger). The mean
-  is taken of rewards shifted by the group's first reward, so a constant group gives exactly
-  zero advantages (not float round-off divided by δ). Any leading shape works; pass
-  ``rewards_N.reshape(-1, G)`` for a flat batch.
+  deviation (ddof = 0, our choice: the sample std of GRPO-style code is √(G/(G−1)) larger).
+  A group whose std is below ``min_std`` gets zero advantages: its spread is round-off or a
+  negligible difference that δ alone would blow up to O(1) advantages. The mean is taken of
+  rewards shifted by the group's first reward, so a constant group is exactly zero even with
+  ``min_std = 0``. Any leading shape works; pass ``rewards_N.reshape(-1, G)`` for a flat batch.
   """
+  if isinstance(min_std, (int, float)) and isinstance(delta, (int, float)) and (
+      min_std < 0 or delta < 0):
+    raise UserError(f"advantages: delta and min_std must be >= 0, got {delta} and {min_std}")
   r = jnp.asarray(rewards_MxG, jnp.float32)
   shifted = r - jax.lax.stop_gradient(r[..., :1])
   centered = shifted - jnp.mean(shifted, axis=-1, keepdims=True)
   std = jnp.sqrt(jnp.mean(centered * centered, axis=-1, keepdims=True))
-  return jax.lax.stop_gradient(centered / (std + delta))
+  adv = jnp.where(std >= min_std, centered / (std + delta), 0.0)
+  return jax.lax.stop_gradient(adv)

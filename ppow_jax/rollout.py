@@ -1,11 +1,12 @@
-"""PPOW rollouts: choose window starts (ADAW), sample G windows each, verify, score.
+"""PPOW rollouts: score window starts (ADAW), sample G windows each, verify, reward.
 
-One frozen target pass per training sequence supplies its distributions, the EAGLE-3 features
-and a prefix KV cache. All windows of a sequence are then verified in *one* more target call:
-they are appended after the sequence as a block, each window attending to its own prefix
-(cache slots <= its start) and to its own earlier tokens only — an explicit attention mask,
-so the target's cache is never copied per window. The drafter, small by design, drafts each
-window from its own copy of the prefix cache with the engine's ``draft``.
+A rollout works on R *rows*, one per chosen window start (rows may repeat a sequence). One
+frozen target pass per row supplies its distributions, the EAGLE-3 features and a prefix KV
+cache. All G windows of a row are then verified in *one* more target call: they are appended
+after the sequence as a block, each window attending to its own prefix (cache slots <= its
+start) and to its own earlier tokens only — an explicit attention mask, so the target's cache
+is never copied per window. The drafter, small by design, drafts each window from its own copy
+of the prefix cache with the engine's ``draft``.
 """
 
 from __future__ import annotations
@@ -17,36 +18,44 @@ import jax
 import jax.numpy as jnp
 
 from ppow_jax import acceptance, rewards, teacher_forcing, windowing
-from ppow_jax.drafters import Drafter
+from ppow_jax.drafters import Drafter, Eagle3FeatureDrafter
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
 
 Array = jax.Array
 
+ADAW_SCORING = ("self_fed", "teacher_forced")
+
 
 @dataclasses.dataclass(frozen=True)
 class PPOWConfig:
-  """PPOW's knobs (docs/protocol.md): ``settings.ppow(c, gamma)``, values from ``config.ppow``
+  """PPOW's knobs (docs/protocol.md), ``settings.ppow(c, gamma)``, values from ``config.ppow``
   (configs/common.py; no defaults here, so the config is their one source)."""
-  window: int  # K: draft tokens per window.
-  group_size: int  # G: windows sampled per start (advantages are standardised within).
-  starts_per_seq: int  # windows starts chosen per training sequence.
-  gamma: float  # drafter step cost / verification cost (speed reward).
-  speed_form: str  # or "paper_summary"
-  use_speed: bool  # ablation switch: Cost-Aware Speedup Reward.
-  use_prox: bool  # ablation switch: Distribution-Based Proximity Reward.
-  prox_form: str  # or "indicator"
-  lambda_prox: float  # weight of the proximity reward.
-  prox_eta: float  # indicator form: reward value.
-  prox_eps: float  # indicator form: threshold on the log-prob gap.
-  selection: str  # ADAW selection: topk | softmax | uniform (ablation).
-  selection_temperature: float  # softmax selection temperature τ_w.
-  clip_eps: float  # PPO clip ε.
-  ratio: str  # token | geometric_mean (GTO-style).
-  omega: float  # weight of the target-anchored token loss.
-  anchor_divergence: str  # divergence of the anchor term.
-  ppo_epochs: int  # gradient steps per rollout (> 1 makes the clip matter).
-  adv_delta: float  # δ in A = (R - mean) / (std + δ).
+  window: int
+  group_size: int
+  starts_per_seq: int  # windows per step = batch size × this, chosen across the pool
+  gamma: float
+  speed_form: str
+  use_speed: bool
+  use_prox: bool
+  prox_form: str
+  lambda_prox: float
+  prox_eta: float
+  prox_eps: float
+  selection: str
+  selection_temperature: float
+  pool_size: int  # sequences in the ADAW pool; 0 = the step's batch only
+  pool_refresh_every: int
+  adaw_warmup_steps: int
+  adaw_scoring: str
+  clip_eps: float
+  ratio: str
+  omega: float
+  anchor_divergence: str
+  anchor_ttt_weight: float
+  ppo_epochs: int
+  adv_delta: float
+  adv_min_std: float
 
   def __post_init__(self):
     if self.window < 1:
@@ -59,18 +68,37 @@ class PPOWConfig:
     if self.selection not in windowing.SELECTION_METHODS:
       raise UserError(f"ppow.selection must be one of {windowing.SELECTION_METHODS}, got "
                       f"{self.selection!r}")
+    if self.adaw_scoring not in ADAW_SCORING:
+      raise UserError(f"ppow.adaw_scoring must be one of {ADAW_SCORING}, got "
+                      f"{self.adaw_scoring!r}")
+    if self.pool_size < 0 or self.pool_refresh_every < 1 or self.adaw_warmup_steps < 0:
+      raise UserError(f"ppow: pool_size and adaw_warmup_steps must be >= 0 and "
+                      f"pool_refresh_every >= 1, got {self.pool_size}, "
+                      f"{self.adaw_warmup_steps} and {self.pool_refresh_every}")
     if self.ppo_epochs < 1:
       raise UserError(f"ppow.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+    if self.anchor_ttt_weight < 0:
+      raise UserError(f"ppow.anchor_ttt_weight must be >= 0, got {self.anchor_ttt_weight}")
     if not (self.use_speed or self.use_prox):
       raise UserError("ppow.use_speed and ppow.use_prox are both False: no reward left")
+
+  def pool_rows(self, batch: int) -> int:
+    """Rows of the ADAW pool for a step batch of ``batch`` sequences (a multiple of it)."""
+    rows = self.pool_size or batch
+    if rows % batch:
+      raise UserError(f"ppow.pool_size={self.pool_size} must be a multiple of the batch size "
+                      f"{batch}")
+    return rows
 
 
 @flax.struct.dataclass
 class Rollout:
-  seq_N: Array  # chain n belongs to sequence seq_N[n]; N = B * S * G, ordered (B, S, G)
+  seq_N: Array  # window n belongs to row seq_N[n]; N = R * G, ordered (R, G)
   start_N: Array  # drafting starts after this position
+  valid_N: Array  # false for rows whose start was not a real candidate (masked everywhere)
   tokens_NxK: Array  # sampled drafts
   logq_old_NxK: Array  # their log-probs under the rollout policy
+  logp_NxKxV: Array  # the target at each drafted position, after the draft prefix (anchor)
   accepted_N: Array  # a, by lossless rejection sampling
   alpha_NxK: Array
   reward_N: Array
@@ -78,25 +106,36 @@ class Rollout:
   metrics: dict
 
 
-def select_starts(rng: Array, tpass: teacher_forcing.TargetPass,
-                  dpass: teacher_forcing.DrafterPass, loss_mask_BxT: Array, cfg: PPOWConfig
-                  ) -> tuple[Array, Array, Array]:
-  """ADAW: score every start by its window's confidence-weighted divergence, pick S per row."""
-  b, t = loss_mask_BxT.shape
-  logq = jax.nn.log_softmax(dpass.logits_BxTxV, axis=-1)
-  u_BxT = windowing.position_scores(tpass.logp_BxTxV, logq)
-  idx = jnp.arange(t)
-  # index i predicts x_{i+1}: it needs a drafter prediction and x_{i+1} to be a training token
-  next_mask_BxT = jnp.pad(loss_mask_BxT[:, 1:].astype(bool), ((0, 0), (0, 1)))
-  valid_BxT = dpass.valid_T[None] & next_mask_BxT
-  scores_BxT = windowing.sliding_window_scores(u_BxT, valid_BxT, cfg.window)
-  scores_BxT = jnp.where((idx >= 1)[None] & valid_BxT, scores_BxT, -jnp.inf)
-  keys = jax.random.split(rng, b)
-  pick = lambda k, s: windowing.select(cfg.selection, k, s, cfg.starts_per_seq,
-                                       cfg.selection_temperature)
-  starts_BxS = jax.vmap(pick)(keys, scores_BxT)
-  chosen = jnp.take_along_axis(scores_BxT, starts_BxS, axis=1)
-  return starts_BxS.astype(jnp.int32), chosen, scores_BxT
+def score_starts(drafter: Drafter, cfg: PPOWConfig, draft_params, target_params,
+                 tokens_BxT: Array, loss_mask_BxT: Array, tpass: teacher_forcing.TargetPass
+                 ) -> Array:
+  """ADAW score ``[B, T]`` of the window drafted after each index (``-inf``: not a start).
+
+  ``adaw_scoring="self_fed"``: EAGLE-3's i-th drafted position is scored with the drafter's
+  i-th *self-fed* prediction along the data (the training-time-test unroll, K steps); an LM
+  drafter's teacher-forced prediction already is its self-fed one along the data. The
+  ``"teacher_forced"`` option scores every position with the step-0 prediction (cheaper).
+  """
+  draft_params = jax.lax.stop_gradient(draft_params)
+  t = tokens_BxT.shape[1]
+  next_BxT = teacher_forcing.next_token_mask(loss_mask_BxT)
+  if isinstance(drafter, Eagle3FeatureDrafter) and cfg.adaw_scoring == "self_fed":
+    u_rows, valid_rows = [], []
+    for logits_BxTxV, valid_T in teacher_forcing.eagle3_ttt_unroll(
+        drafter, draft_params, target_params, tokens_BxT, tpass, cfg.window):
+      u_rows.append(windowing.position_scores(tpass.logp_BxTxV,
+                                              jax.nn.log_softmax(logits_BxTxV, axis=-1)))
+      valid_rows.append(valid_T[None] & next_BxT)
+    scores_BxT = windowing.chain_window_scores(jnp.stack(u_rows), jnp.stack(valid_rows))
+  else:
+    dpass = teacher_forcing.drafter_pass(drafter, draft_params, target_params, tokens_BxT,
+                                         tpass, 0)
+    u_BxT = windowing.position_scores(tpass.logp_BxTxV,
+                                      jax.nn.log_softmax(dpass.logits_BxTxV, axis=-1))
+    scores_BxT = windowing.sliding_window_scores(u_BxT, dpass.valid_T[None] & next_BxT,
+                                                 cfg.window)
+  # a window needs a prefix of >= 2 tokens (EAGLE-3's first entry pairs tokens 0 and 1)
+  return jnp.where((jnp.arange(t) >= 1)[None], scores_BxT, -jnp.inf)
 
 
 def window_block_mask(start_BxM: Array, seq_len: int, window: int) -> Array:
@@ -115,7 +154,11 @@ def window_block_mask(start_BxM: Array, seq_len: int, window: int) -> Array:
 
 def verify_windows(target_cfg: llama.ModelConfig, target_params, tpass: teacher_forcing.TargetPass,
                    tokens_BxMxK: Array, start_BxM: Array) -> Array:
-  """Target log-probs ``[B, M, K+1, V]`` for every window, in one call (see module doc)."""
+  """Target log-probs ``[B, M, K+1, V]`` for every window, in one call (see module doc).
+
+  Entry i is the target's distribution for the window's token i (i = K: the bonus token)
+  given the sequence up to ``start`` and the window's tokens before i.
+  """
   b, m, k = tokens_BxMxK.shape
   t = tpass.logp_BxTxV.shape[1]
   positions = (start_BxM[:, :, None] + 1 + jnp.arange(k)).reshape(b, m * k)
@@ -130,46 +173,54 @@ def verify_windows(target_cfg: llama.ModelConfig, target_params, tpass: teacher_
 
 
 def rollout(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: PPOWConfig, target_params,
-            draft_params, tokens_BxT: Array, loss_mask_BxT: Array,
+            draft_params, tokens_RxT: Array, start_R: Array, valid_R: Array,
             tpass: teacher_forcing.TargetPass, rng: Array) -> Rollout:
-  """Sample and score B*S*G windows with the current drafter (no gradient)."""
-  b, t = tokens_BxT.shape
-  s, g, k = cfg.starts_per_seq, cfg.group_size, cfg.window
+  """Sample and score G windows after ``start_R[r]`` of each row ``r`` (no gradient).
+
+  ``tpass`` is the target pass over ``tokens_RxT`` with room for ``G·K`` more slots per row.
+  """
+  r = tokens_RxT.shape[0]
+  g, k = cfg.group_size, cfg.window
+  n = r * g
   draft_params = jax.lax.stop_gradient(draft_params)
-  k_sel, k_draft, k_acc = jax.random.split(rng, 3)
-  dpass = teacher_forcing.drafter_pass(drafter, draft_params, target_params, tokens_BxT, tpass,
+  k_draft, k_acc = jax.random.split(rng)
+  dpass = teacher_forcing.drafter_pass(drafter, draft_params, target_params, tokens_RxT, tpass,
                                        k + 2)
-  starts_BxS, chosen_BxS, scores_BxT = select_starts(k_sel, tpass, dpass, loss_mask_BxT, cfg)
-  seq_N = jnp.repeat(jnp.arange(b), s * g)
-  start_N = jnp.repeat(starts_BxS.reshape(-1), g)
-  state, buffer, n_N = teacher_forcing.chain_states(drafter, dpass, tokens_BxT, seq_N, start_N,
+  seq_N = jnp.repeat(jnp.arange(r), g)
+  start_N = jnp.repeat(start_R, g)
+  valid_N = jnp.repeat(valid_R, g)
+  state, buffer, n_N = teacher_forcing.chain_states(drafter, dpass, tokens_RxT, seq_N, start_N,
                                                     k + 2)
   tokens_NxK, dlogits_NxKxV, _ = drafter.draft(draft_params, target_params, state, buffer, n_N,
                                                k_draft, k, 1.0, 1.0)
   logq_NxKxV = jax.nn.log_softmax(dlogits_NxKxV, axis=-1)
-  logp_BxMxK1xV = verify_windows(target_cfg, target_params, tpass,
-                                 tokens_NxK.reshape(b, s * g, k), start_N.reshape(b, s * g))
-  logp_NxK1xV = logp_BxMxK1xV.reshape(b * s * g, k + 1, -1)
+  logp_RxGxK1xV = verify_windows(target_cfg, target_params, tpass,
+                                 tokens_NxK.reshape(r, g, k), start_N.reshape(r, g))
+  logp_NxK1xV = logp_RxGxK1xV.reshape(n, k + 1, -1)
   res = acceptance.rejection_accept(k_acc, tokens_NxK, jnp.exp(logq_NxKxV),
                                     jnp.exp(logp_NxK1xV))
   delta_N = rewards.greedy_log_prob_gap(logp_NxK1xV[:, :k], tokens_NxK)
+  beta_NxK = rewards.sampled_accept_probs(logp_NxK1xV[:, :k], logq_NxKxV, tokens_NxK)
   reward_N, parts = rewards.total_reward(
-      res.num_accepted_B, jnp.full((b * s * g,), k), res.alpha_BxK, delta_N=delta_N,
-      gamma=cfg.gamma, lambda_prox=cfg.lambda_prox, use_speed=cfg.use_speed,
-      use_prox=cfg.use_prox, speed_form=cfg.speed_form, prox_form=cfg.prox_form,
-      eta=cfg.prox_eta, eps=cfg.prox_eps)
-  adv_N = rewards.group_advantages(reward_N.reshape(-1, g), cfg.adv_delta).reshape(-1)
-  finite = jnp.isfinite(scores_BxT)
+      res.num_accepted_B, jnp.full((n,), k), gamma=cfg.gamma, lambda_prox=cfg.lambda_prox,
+      use_speed=cfg.use_speed, use_prox=cfg.use_prox, speed_form=cfg.speed_form,
+      prox_form=cfg.prox_form, eta=cfg.prox_eta, eps=cfg.prox_eps, delta_N=delta_N,
+      accept_NxK=beta_NxK)
+  adv_N = rewards.group_advantages(reward_N.reshape(-1, g), cfg.adv_delta,
+                                   cfg.adv_min_std).reshape(-1)
+  adv_N = jnp.where(valid_N, adv_N, 0.0)
+  mean = lambda x: jnp.sum(jnp.where(valid_N, x, 0.0)) / jnp.maximum(valid_N.sum(), 1)
   metrics = {
-      "reward": parts["total"].mean(), "reward_speed": parts["speed"].mean(),
-      "reward_prox": parts["prox"].mean(),
-      "tau_sim": acceptance.analytic_tau(res.alpha_BxK).mean(),
-      "accepted_mean": res.num_accepted_B.mean(),
-      "accepted_hist": jnp.bincount(res.num_accepted_B, length=k + 1),
-      "adaw_selected_mean": chosen_BxS.mean(),
-      "adaw_all_mean": jnp.sum(jnp.where(finite, scores_BxT, 0)) / jnp.maximum(finite.sum(), 1),
-      "adaw_all_max": jnp.max(jnp.where(finite, scores_BxT, -1.0)),
+      "reward": mean(parts["total"]), "reward_speed": mean(parts["speed"]),
+      "reward_prox": mean(parts["prox"]),
+      "tau_sim": mean(acceptance.analytic_tau(res.alpha_BxK)),
+      "accepted_mean": mean(res.num_accepted_B),
+      "accepted_hist": jnp.bincount(jnp.where(valid_N, res.num_accepted_B, k + 1),
+                                    length=k + 2)[:k + 1],
+      "zero_advantage_groups": jnp.mean(jnp.all(adv_N.reshape(-1, g) == 0, axis=-1)),
+      "valid_windows": valid_R.mean(),
   }
-  return Rollout(seq_N, start_N, tokens_NxK,
+  return Rollout(seq_N, start_N, valid_N, tokens_NxK,
                  jnp.take_along_axis(logq_NxKxV, tokens_NxK[..., None], -1)[..., 0],
-                 res.num_accepted_B, res.alpha_BxK, reward_N, adv_N, metrics)
+                 logp_NxK1xV[:, :k], res.num_accepted_B, res.alpha_BxK, reward_N, adv_N,
+                 metrics)

@@ -100,12 +100,12 @@ def _run(c, paths: layout.Layout, devices: list) -> str:
   prompts = datasets.eval_prompts(c, data)
   eos = (data.tokenizer.eos_id,) if (c.eval.eos and data.tokenizer.eos_id is not None) else ()
   rows = evaluate.evaluate(target_cfg, target_params, evaluated, prompts, c.eval.temperatures,
-                           c.eval.batch_sizes, c.eval.window, c.eval.max_new_tokens,
+                           c.eval.batch_sizes, settings.eval_window(c), c.eval.max_new_tokens,
                            c.eval.repeats, eos, c.seed)
   ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
               "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",
-              "window": c.eval.window, "max_new_tokens": c.eval.max_new_tokens,
+              "window": settings.eval_window(c), "max_new_tokens": c.eval.max_new_tokens,
               "num_prompts": len(prompts), "temperatures": list(c.eval.temperatures),
               "batch_sizes": list(c.eval.batch_sizes), "gamma": ppow_gamma,
               "prompts": c.eval.prompts_file or "held-out split"}

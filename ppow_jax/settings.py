@@ -43,6 +43,11 @@ def ppow(c, gamma: float) -> rollout.PPOWConfig:
   return view(rollout.PPOWConfig, c.ppow, gamma=gamma)
 
 
+def eval_window(c) -> int:
+  """K at evaluation: ``eval.window``, or PPOW's training window when it is -1 (one K)."""
+  return c.ppow.window if c.eval.window == -1 else c.eval.window
+
+
 # ---- Numeric rules -----------------------------------------------------------------------------
 
 Rule = tuple[Callable[[float], bool], str]
@@ -115,11 +120,16 @@ RULES: dict[str, Rule] = {
     "ppow.omega": _at_least(0),
     "ppow.ppo_epochs": _at_least(1),
     "ppow.adv_delta": _above(0),
+    "ppow.adv_min_std": _at_least(0),
+    "ppow.pool_size": _at_least(0),
+    "ppow.pool_refresh_every": _at_least(1),
+    "ppow.adaw_warmup_steps": _at_least(0),
+    "ppow.anchor_ttt_weight": _at_least(0),
     "eval.num_prompts": _at_least(1),
     "eval.prompt_len": _at_least(2),
     "eval.max_new_tokens": _at_least(1),
     "eval.temperatures": _at_least(0),
-    "eval.window": _at_least(1),
+    "eval.window": _at_least_or_minus_one(1),
     "eval.batch_sizes": _at_least(1),
     "eval.repeats": _at_least(1),
     "mesh.ici_shape": _at_least_or_minus_one(1),
@@ -177,9 +187,19 @@ def validate(c) -> None:
   _one_of("drafter.kind", c.drafter.kind, ("eagle3", "lm"))
   _one_of("eval.prompt_policy", c.eval.prompt_policy, ("truncate_left", "reject"))
   _one_of("sharding.drafter_params", c.sharding.drafter_params, ("fsdp", "replicated"))
-  if c.ppow.starts_per_seq > c.data.seq_len - 2:
+  per_seq = -(-(c.data.seq_len - 2) // c.ppow.window)  # non-overlapping windows per sequence
+  if c.ppow.starts_per_seq > per_seq:  # the first step's pool holds only its own batch
     raise UserError(f"config.ppow.starts_per_seq={c.ppow.starts_per_seq} exceeds the "
-                    f"candidate starts of a sequence (data.seq_len - 2 = {c.data.seq_len - 2})")
+                    f"non-overlapping windows of a sequence ({per_seq} at "
+                    f"data.seq_len={c.data.seq_len}, ppow.window={c.ppow.window})")
+  if c.ppow.pool_size % c.ppow.batch_size:
+    raise UserError(f"config.ppow.pool_size={c.ppow.pool_size} must be a multiple of "
+                    f"config.ppow.batch_size={c.ppow.batch_size}")
+  for key in ("warmup_steps", "decay_steps", "end_lr_fraction"):
+    if c.continued.optim[key] != c.ppow.optim[key]:
+      raise UserError(f"config.continued.optim.{key}={c.continued.optim[key]} differs from "
+                      f"config.ppow.optim.{key}={c.ppow.optim[key]}: the budget-matched "
+                      f"control needs PPOW's schedule shape")
   if not c.target.hf_dir and not c.target.preset:
     t = c.target
     if t.hidden_size % t.num_heads:

@@ -21,24 +21,26 @@ class Stage:
   starts_from: Optional[str]  # the stage whose result it starts from (None: nothing)
   shaped_by: tuple[str, ...]  # config keys (or subtrees) that shape its artifact, besides
   # those of the stage it starts from
-  schedule: Optional[Callable[[Any], tuple[int, int, Any]]]  # c -> (steps, batch, optim node)
+  # c -> (steps, batch, optim node, optimizer updates per batch)
+  schedule: Optional[Callable[[Any], tuple[int, int, Any, int]]]
 
 
-def _continued(c) -> tuple[int, int, Any]:
-  """The baseline trained on for PPOW's data budget: as many sequences as PPOW consumed."""
-  batch = c.baseline.batch_size
-  return -(-c.ppow.steps * c.ppow.batch_size // batch), batch, c.continued.optim
+def _continued(c) -> tuple[int, int, Any, int]:
+  """The budget-matched control: PPOW's batches (same size and, through the same seed offset,
+  the same sequences in the same order), ``ppo_epochs`` updates on each as PPOW makes per
+  rollout, and a schedule of PPOW's shape (``settings.validate`` checks ``continued.optim``)."""
+  return c.ppow.steps, c.ppow.batch_size, c.continued.optim, c.ppow.ppo_epochs
 
 
 TABLE: tuple[Stage, ...] = (
     Stage("target", 0, None, ("seed", "data", "target"),
-          lambda c: (c.target.pretrain_steps, c.target.pretrain_batch_size, c.target.optim)),
+          lambda c: (c.target.pretrain_steps, c.target.pretrain_batch_size, c.target.optim, 1)),
     Stage("baseline", 100, "target", ("drafter", "baseline"),
-          lambda c: (c.baseline.steps, c.baseline.batch_size, c.baseline.optim)),
+          lambda c: (c.baseline.steps, c.baseline.batch_size, c.baseline.optim, 1)),
     Stage("ppow", 200, "baseline", ("ppow",),
-          lambda c: (c.ppow.steps, c.ppow.batch_size, c.ppow.optim)),
-    Stage("continued", 300, "baseline",
-          ("continued", "ppow.steps", "ppow.batch_size"), _continued),
+          lambda c: (c.ppow.steps, c.ppow.batch_size, c.ppow.optim, 1)),
+    Stage("continued", 200, "baseline",  # PPOW's seed offset: PPOW's sequences, in order
+          ("continued", "ppow.steps", "ppow.batch_size", "ppow.ppo_epochs"), _continued),
     Stage("eval", 0, None, (), None),
 )
 BY_NAME = {s.name: s for s in TABLE}

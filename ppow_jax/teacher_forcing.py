@@ -26,6 +26,11 @@ from ppow_jax.models import eagle3, llama
 Array = jax.Array
 
 
+def next_token_mask(loss_mask_BxT: Array) -> Array:
+  """Index t predicts x_{t+1}: it counts when x_{t+1} is a training token."""
+  return jnp.pad(loss_mask_BxT[:, 1:].astype(bool), ((0, 0), (0, 1)))
+
+
 @flax.struct.dataclass
 class TargetPass:
   logp_BxTxV: Array  # log p for token t+1 at index t (the target's shifted prediction)
@@ -115,9 +120,13 @@ def _ttt_mask(t1: int, steps: int, step: int) -> Array:
   return (prefix | chain).reshape(t1, steps * t1)
 
 
-def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params,
-                      tokens_BxT: Array, tpass: TargetPass, steps: int) -> tuple[Array, Array]:
-  """Logits ``[S, B, T, V]`` (index t -> x_{t+1}) and validity ``[S, T]`` of the TTT unroll."""
+def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params,
+                      tokens_BxT: Array, tpass: TargetPass, steps: int):
+  """Yields ``(logits_BxTxV, valid_T)`` for each step of the TTT unroll (index t -> x_{t+1}).
+
+  One step at a time, so a caller that reduces each step (ADAW's scores) never holds all
+  ``[S, B, T, V]`` logits at once.
+  """
   b, t = tokens_BxT.shape
   t1 = t - 1
   model, net = drafter.model, draft_params["net"]
@@ -125,7 +134,7 @@ def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params
   hidden = model.apply({"params": net}, feats, method=eagle3.Eagle3Drafter.fuse)
   cache = llama.init_cache(drafter.cfg.layer_config(), b, steps * t1)
   positions = jnp.broadcast_to(jnp.arange(t1, dtype=jnp.int32), (b, t1))
-  all_logits, all_valid = [], []
+  idx = jnp.arange(t)
   for i in range(steps):
     mask = jnp.broadcast_to(_ttt_mask(t1, steps, i), (b, t1, steps * t1))
     cache = cache.replace(lengths_B=jnp.full((b,), i * t1, jnp.int32))
@@ -133,8 +142,14 @@ def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params
                                    attn_mask_BxTxS=mask, method=eagle3.Eagle3Drafter.step)
     logits = draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size)
     # entry j predicts x_{j+2} -> index j+1; entries j < i have no chain yet
-    idx = jnp.arange(t)
-    all_logits.append(jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1))
-    all_valid.append((idx >= i + 1) & (idx <= t - 2))
+    yield (jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1),
+           (idx >= i + 1) & (idx <= t - 2))
     hidden = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-  return jnp.stack(all_logits), jnp.stack(all_valid)
+
+
+def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params,
+                      tokens_BxT: Array, tpass: TargetPass, steps: int) -> tuple[Array, Array]:
+  """Logits ``[S, B, T, V]`` (index t -> x_{t+1}) and validity ``[S, T]`` of the TTT unroll."""
+  logits, valid = zip(*eagle3_ttt_unroll(drafter, draft_params, target_params, tokens_BxT,
+                                         tpass, steps))
+  return jnp.stack(logits), jnp.stack(valid)

@@ -73,6 +73,9 @@ def _scalars(metrics: dict) -> dict:
     out[k] = float(v) if v.ndim == 0 else v
   return out
 
+# Per-step metrics summed into a stage's totals (a step that lacks one counts 0).
+COUNTED = ("windows", "updates", "target_calls", "target_tokens")
+
 
 def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
         ckpt_dir: str, cfg: LoopConfig, writer: Optional[Any] = None,
@@ -82,12 +85,13 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
 
   ``data`` is an iterator with ``get_state()``/``set_state()`` (JSON-serialisable).
   ``evaluate(state) -> τ`` runs every ``cfg.eval_every`` steps and at the end (``eval_tau``).
-  ``totals`` (filled in): ``windows`` (the steps' ``windows`` metric summed) and ``seconds``
-  of training, over every run of this stage, resumed ones included. Returns the final state.
+  ``totals`` (filled in): the steps' ``COUNTED`` metrics summed (windows, updates, target calls
+  and tokens) and ``seconds`` of training, over every run of this stage, resumed ones included.
+  Returns the final state.
   """
   ckpt = Checkpointer(ckpt_dir, cfg.max_to_keep)
   totals = {} if totals is None else totals
-  totals.update(windows=0.0, seconds=0.0)
+  totals.update({key: 0.0 for key in COUNTED}, seconds=0.0)
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state, saved = ckpt.restore(state)
@@ -128,7 +132,8 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
       print(f"[{name}] {step_no}/{cfg.num_steps} {shown}", file=sys.stderr, flush=True)
       if writer is not None:
         writer.write(step_no, m)
-    totals["windows"] += float(m.get("windows", 0.0))
+    for key in COUNTED:
+      totals[key] += float(m.get(key, 0.0))
     totals["seconds"] = seconds_before + time.perf_counter() - t_start
     if force_save or step_no % cfg.save_every == 0 or last:
       ckpt.save(step_no, new_state, data_state, force=True, totals=dict(totals))

@@ -1,23 +1,26 @@
-"""Adaptive Divergence-Aware Windowing (ADAW): which window starts PPOW trains on.
+"""Adaptive Divergence-Aware Windowing (ADAW): which windows PPOW trains on.
 
-A candidate start is scored by the confidence-weighted divergence of the window it opens,
-``v = mean_i (1 − H(p_i)/log|V|) · KL(p_i ‖ q_i)``: positions where the target is confident
-(low entropy) yet the drafter disagrees are where rejections are cheap to fix. Scores come from
-one teacher-forced pass of both models over a training sequence (``position_scores`` then
-``sliding_window_scores``), or from the sampled windows themselves (``adaw_score``).
+A window opened after position ``s`` is scored by the confidence-weighted divergence of the
+positions it drafts, ``v = mean_i C(p_i) · D(p_i, q_i)`` with ``C(p) = 1 − H(p)/log|V|``:
+positions where the target is confident yet the drafter disagrees are where rejections are
+cheap to fix. ``D`` measures only what the drafter *can* fix: with a reduced draft vocabulary
+the target is renormalised on the drafter's support and the KL is weighted by the target's
+mass there, so target mass on tokens the drafter cannot emit scores nothing (a floored log q
+would charge ~100 nats per unit of it and rank unfixable positions first).
 
-Selection (all return distinct indices; ``-inf`` scores mark invalid candidates):
-``select_topk`` (the default), ``select_softmax`` (sampling without replacement ∝ exp(v/τ_w)
-by Gumbel-top-k) and ``select_uniform`` (the ablation).
+``q_i`` is the drafter's prediction at the i-th drafted position of the window — its *self-fed*
+state along the data (``chain_window_scores``; the caller supplies one score row per chain
+step), or the teacher-forced step-0 prediction when the caller repeats one row.
 
-``CandidatePool`` keeps scored starts across steps so that selection is not limited to the
-current batch; see its docstring for the life cycle.
+Selection is over a pool of sequences (``SequencePool``): every candidate start of every pooled
+sequence competes, windows never overlap, and a window once trained on is spent until the pool
+is re-scored. Keys: ``"topk"`` (the highest scores), ``"softmax"`` (sequential sampling without
+replacement ∝ exp(v/τ_w), Gumbel-top-k) and ``"uniform"`` (the ablation and the warm-up).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import flax
 import jax
@@ -32,172 +35,126 @@ SELECTION_METHODS = ("topk", "softmax", "uniform")
 
 
 def position_scores(logp_xV: Array, logq_xV: Array) -> Array:
-  """Per-position ``(1 − H(p)/log|V|) · KL(p ‖ q)``, ``|V|`` the (target) vocab size."""
+  """Per-position ``C(p) · m · KL(p̃ ‖ q)``: ``p̃`` the target on q's support, ``m`` its mass.
+
+  ``C`` uses the full target (``|V|`` its vocab). With a full draft vocabulary ``m = 1`` and
+  ``p̃ = p``: the paper's ``C(p) · KL(p ‖ q)``.
+  """
   vocab = logp_xV.shape[-1]
   if vocab < 2:
     raise UserError(f"ADAW needs a vocabulary of at least 2 tokens, got {vocab}")
   confidence = 1.0 - divergences.entropy(logp_xV) / math.log(vocab)
-  return confidence * divergences.forward_kl(logp_xV, logq_xV)
+  support = logq_xV > divergences.LOG_FLOOR
+  log_mass = jax.nn.logsumexp(jnp.where(support, logp_xV, -jnp.inf), axis=-1)
+  mass = jnp.exp(jnp.where(jnp.isfinite(log_mass), log_mass, -jnp.inf))
+  logp_in, _ = divergences.restrict_to_support(logp_xV, logq_xV)
+  kl = divergences.forward_kl(logp_in, jnp.where(support, logq_xV, -jnp.inf))
+  return jax.lax.stop_gradient(confidence * mass * kl)
 
 
-def adaw_score(logp_NxKxV: Array, logq_NxKxV: Array, valid_NxK: Optional[Array] = None) -> Array:
-  """ADAW score ``[N]`` of each window: the mean position score over its valid positions.
+def chain_window_scores(u_KxBxT: Array, valid_KxBxT: Array) -> Array:
+  """Score ``[B, T]`` of the window drafted after index ``s``: mean over i of ``u[i, s + i]``.
 
-  A window with no valid position scores 0. Scores are statistics, not losses: no gradient.
+  ``u[i, t]`` scores the chain's i-th drafted position at index t (index t predicts x_{t+1}):
+  the window after s drafts x_{s+1..s+K}, its i-th at index s+i. Only valid entries count
+  (a window running off the end is scored on its valid part); starts with no valid step-0
+  entry get ``-inf`` so no selection picks them.
   """
-  logp_NxKxV = jax.lax.stop_gradient(logp_NxKxV)
-  logq_NxKxV = jax.lax.stop_gradient(logq_NxKxV)
-  u_NxK = position_scores(logp_NxKxV, logq_NxKxV)
-  if valid_NxK is None:
-    return jnp.mean(u_NxK, axis=-1)
-  return jax.vmap(divergences.masked_mean)(u_NxK, valid_NxK)
+  k, _, t = u_KxBxT.shape
+  shift = lambda x, i, fill: jnp.pad(x[:, i:], ((0, 0), (0, i)), constant_values=fill)
+  total, count = jnp.zeros(u_KxBxT.shape[1:]), jnp.zeros(u_KxBxT.shape[1:])
+  for i in range(min(k, t)):
+    ok = shift(valid_KxBxT[i], i, False)
+    total = total + jnp.where(ok, shift(u_KxBxT[i], i, 0.0), 0.0)
+    count = count + ok
+  mean = total / jnp.maximum(count, 1.0)
+  return jnp.where(valid_KxBxT[0], jax.lax.stop_gradient(mean), -jnp.inf)
 
 
 def sliding_window_scores(u_BxT: Array, valid_BxT: Array, window: int) -> Array:
-  """Score ``[B, T]`` of the window starting at each index: mean of ``u`` over ``[t, t+window)``.
-
-  Only valid positions count (a window running off the end is scored on its valid part);
-  starts that are themselves invalid get ``-inf`` so no selection picks them. Index alignment
-  (the prediction at index t is the draft of token t+1) is the caller's.
-  """
+  """``chain_window_scores`` with one (teacher-forced) score row for every chain step."""
   if window < 1:
     raise UserError(f"ADAW window must be >= 1, got {window}")
-  length = u_BxT.shape[-1]
-  idx_TxW = jnp.arange(length)[:, None] + jnp.arange(window)[None, :]
-  inside_TxW = idx_TxW < length
-  idx_TxW = jnp.minimum(idx_TxW, length - 1)
-  u_BxTxW = u_BxT[:, idx_TxW]
-  valid_BxTxW = valid_BxT[:, idx_TxW] & inside_TxW[None]
-  mean_BxT = jax.vmap(jax.vmap(divergences.masked_mean))(u_BxTxW, valid_BxTxW)
-  return jnp.where(valid_BxT, jax.lax.stop_gradient(mean_BxT), -jnp.inf)
+  rep = lambda x: jnp.broadcast_to(x[None], (window,) + x.shape)
+  return chain_window_scores(rep(u_BxT), rep(valid_BxT))
 
 
-def _check_k(k: int, n: int) -> None:
-  if not 1 <= k <= n:
-    raise UserError(f"ADAW: cannot select k={k} windows from {n} candidates")
-
-
-def select_topk(scores_N: Array, k: int) -> Array:
-  """Indices ``[k]`` of the k highest scores (ties go to the lower index)."""
-  _check_k(k, scores_N.shape[-1])
-  return jax.lax.top_k(scores_N, k)[1]
-
-
-def select_softmax(rng: Array, scores_N: Array, k: int, temperature: float) -> Array:
-  """k distinct indices sampled without replacement ∝ ``exp(score / temperature)``.
-
-  Gumbel-top-k: the top k of ``score/τ + Gumbel`` are distributed as k successive softmax
-  draws without replacement. ``-inf`` candidates are drawn only if fewer than k are finite.
-  """
-  _check_k(k, scores_N.shape[-1])
+def selection_keys(method: str, rng: Array, scores: Array, temperature: float) -> Array:
+  """Keys whose descending order is the pick order; ``-inf`` (invalid) stays ``-inf``."""
+  valid = scores > -jnp.inf
+  if method == "topk":
+    return scores
   if isinstance(temperature, (int, float)) and temperature <= 0:
     raise UserError(f"ADAW temperature must be > 0, got {temperature}")
-  gumbel_N = jax.random.gumbel(rng, scores_N.shape, jnp.float32)
-  return jax.lax.top_k(scores_N / temperature + gumbel_N, k)[1]
-
-
-def select_uniform(rng: Array, n: int, k: int, valid_N: Optional[Array] = None) -> Array:
-  """k distinct indices uniform over ``range(n)`` (over the valid ones when given)."""
-  _check_k(k, n)
-  base_N = jnp.zeros((n,), jnp.float32)
-  if valid_N is not None:
-    base_N = jnp.where(valid_N, base_N, -jnp.inf)
-  return jax.lax.top_k(base_N + jax.random.gumbel(rng, (n,), jnp.float32), k)[1]
-
-
-def select(method: str, rng: Array, scores_N: Array, k: int, temperature: float = 1.0) -> Array:
-  """Dispatches on ``method`` in ``SELECTION_METHODS``; uniform skips ``-inf`` candidates."""
-  if method == "topk":
-    return select_topk(scores_N, k)
+  gumbel = jax.random.gumbel(rng, scores.shape, jnp.float32)
   if method == "softmax":
-    return select_softmax(rng, scores_N, k, temperature)
+    return jnp.where(valid, scores / temperature + gumbel, -jnp.inf)
   if method == "uniform":
-    return select_uniform(rng, scores_N.shape[-1], k, scores_N > -jnp.inf)
+    return jnp.where(valid, gumbel, -jnp.inf)
   raise UserError(f"unknown ADAW selection {method!r}; expected one of {SELECTION_METHODS}")
 
 
-@flax.struct.dataclass
-class CandidatePool:
-  """A fixed-capacity pool of scored window starts, carried through the jitted train step.
+def select_nonoverlapping(keys_PxT: Array, n: int, window: int
+                          ) -> tuple[Array, Array, Array]:
+  """``n`` starts ``(row_n, start_n, valid_n)`` in descending key order, across all rows.
 
-  Life cycle: each step the trainer scores the starts of its current batch and ``refresh``-es
-  the pool with them (the best ``capacity`` survive; entries older than ``max_age`` refreshes
-  are evicted, so a stale high score cannot dominate forever); it ``select``-s from
-  ``scores_P`` and reads the chosen ``positions_PxC``; every few steps it re-scores the
-  ``oldest`` entries with the current drafter and writes them back with ``update_scores``.
-
-  Attributes:
-    positions_PxC: int32 coordinates of each start, opaque to the pool (e.g. record index and
-      token offset, enough for the trainer to fetch the sequence again).
-    scores_P: float32 last ADAW score; ``-inf`` marks an empty slot.
-    age_P: int32 refreshes since the entry was last scored.
+  After each pick the starts whose windows would overlap it (same row, ``|s − s'| < window``)
+  are removed. ``valid_n`` is false for picks made after the valid candidates ran out (their
+  row/start are junk the caller must mask). Greedy over the pool: O(n · P · T).
   """
-  positions_PxC: Array
-  scores_P: Array
-  age_P: Array
+  if window < 1 or n < 1:
+    raise UserError(f"ADAW: need window >= 1 and n >= 1, got {window} and {n}")
+  p, t = keys_PxT.shape
+  cols = jnp.arange(t)
+
+  def pick(keys, _):
+    flat = jnp.argmax(keys.reshape(-1))
+    row, start = flat // t, flat % t
+    ok = keys[row, start] > -jnp.inf
+    near = (jnp.arange(p)[:, None] == row) & (jnp.abs(cols[None] - start) < window)
+    return jnp.where(near, -jnp.inf, keys), (row, start, ok)
+
+  _, (row_n, start_n, valid_n) = jax.lax.scan(pick, keys_PxT.astype(jnp.float32), None,
+                                              length=n)
+  return row_n.astype(jnp.int32), start_n.astype(jnp.int32), valid_n
+
+
+@flax.struct.dataclass
+class SequencePool:
+  """Training sequences kept across steps with the ADAW score of every window start.
+
+  Life cycle (``train_step.make_ppow_step``): each step the new batch replaces the oldest
+  ``B`` rows (a ring), scored by the current drafter; every few steps all rows are re-scored;
+  windows are chosen across all rows with ``select_nonoverlapping``; a chosen start is spent
+  (``-inf``) until its row is scored again. Empty rows have no valid start.
+  """
+  tokens_PxT: Array
+  mask_PxT: Array
+  scores_PxT: Array  # -inf: not a candidate
 
   @property
   def capacity(self) -> int:
-    return self.scores_P.shape[0]
-
-  @property
-  def valid_P(self) -> Array:
-    return self.scores_P > -jnp.inf
+    return self.tokens_PxT.shape[0]
 
 
-def init_pool(capacity: int, coord_dim: int = 2) -> CandidatePool:
-  """An empty pool (every slot invalid)."""
-  if capacity < 1 or coord_dim < 1:
-    raise UserError(f"candidate pool needs capacity >= 1 and coord_dim >= 1, got "
-                    f"{capacity} and {coord_dim}")
-  return CandidatePool(positions_PxC=jnp.zeros((capacity, coord_dim), jnp.int32),
-                       scores_P=jnp.full((capacity,), -jnp.inf, jnp.float32),
-                       age_P=jnp.zeros((capacity,), jnp.int32))
+def init_pool(capacity: int, seq_len: int) -> SequencePool:
+  if capacity < 1 or seq_len < 1:
+    raise UserError(f"ADAW pool needs capacity >= 1 and seq_len >= 1, got {capacity} and "
+                    f"{seq_len}")
+  return SequencePool(jnp.zeros((capacity, seq_len), jnp.int32),
+                      jnp.zeros((capacity, seq_len), jnp.int32),
+                      jnp.full((capacity, seq_len), -jnp.inf, jnp.float32))
 
 
-def refresh(pool: CandidatePool, positions_MxC: Array, scores_M: Array,
-            valid_M: Optional[Array] = None, max_age: Optional[int] = None) -> CandidatePool:
-  """Ages the pool by one refresh and merges freshly scored candidates into it.
-
-  A new candidate replaces a pooled entry with the same coordinates (its score is newer);
-  entries older than ``max_age`` are dropped; then the ``capacity`` highest scores are kept
-  (on ties, new before old). NaN scores count as invalid. Duplicates *within* the new batch
-  are not merged. Cost is O(P·M) comparisons.
-  """
-  if positions_MxC.shape[-1] != pool.positions_PxC.shape[-1]:
-    raise UserError(f"candidate coordinates have {positions_MxC.shape[-1]} fields, the pool "
-                    f"{pool.positions_PxC.shape[-1]}")
-  new_valid_M = scores_M > -jnp.inf  # false for NaN too
-  if valid_M is not None:
-    new_valid_M &= valid_M
-  new_scores_M = jnp.where(new_valid_M, scores_M, -jnp.inf).astype(jnp.float32)
-  age_P = pool.age_P + 1
-  keep_P = pool.valid_P
-  if max_age is not None:
-    keep_P &= age_P <= max_age
-  same_PxM = jnp.all(pool.positions_PxC[:, None, :] == positions_MxC[None, :, :], axis=-1)
-  keep_P &= ~jnp.any(same_PxM & new_valid_M[None, :], axis=-1)
-  old_scores_P = jnp.where(keep_P, pool.scores_P, -jnp.inf)
-  scores = jnp.concatenate([new_scores_M, old_scores_P])
-  positions = jnp.concatenate([positions_MxC.astype(jnp.int32), pool.positions_PxC])
-  ages = jnp.concatenate([jnp.zeros_like(new_scores_M, jnp.int32), age_P])
-  _, top_P = jax.lax.top_k(scores, pool.capacity)
-  return CandidatePool(positions_PxC=positions[top_P], scores_P=scores[top_P],
-                       age_P=jnp.where(scores[top_P] > -jnp.inf, ages[top_P], 0))
+def insert(pool: SequencePool, first_row: Array, tokens_BxT: Array, mask_BxT: Array,
+           scores_BxT: Array) -> SequencePool:
+  """Writes a scored batch into rows ``[first_row, first_row + B)`` (B must divide P)."""
+  put = lambda x, new: jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (first_row, 0))
+  return SequencePool(put(pool.tokens_PxT, tokens_BxT), put(pool.mask_PxT, mask_BxT),
+                      put(pool.scores_PxT, scores_BxT))
 
 
-def update_scores(pool: CandidatePool, indices_J: Array, scores_J: Array) -> CandidatePool:
-  """Writes re-computed scores of pool entries ``indices_J`` and resets their age.
-
-  Indices of empty slots (``oldest`` returns them last) are ignored: they stay empty.
-  """
-  live_J = pool.valid_P[indices_J] & ~jnp.isnan(scores_J)  # store -inf, never NaN
-  scores_J = jnp.where(live_J, scores_J, -jnp.inf).astype(jnp.float32)
-  return pool.replace(scores_P=pool.scores_P.at[indices_J].set(scores_J),
-                      age_P=pool.age_P.at[indices_J].set(0))
-
-
-def oldest(pool: CandidatePool, n: int) -> Array:
-  """Indices ``[n]`` of the n entries scored longest ago (empty slots last): re-score these."""
-  _check_k(n, pool.capacity)
-  return jax.lax.top_k(jnp.where(pool.valid_P, pool.age_P, -1), n)[1]
+def spend(pool: SequencePool, row_n: Array, start_n: Array, valid_n: Array) -> SequencePool:
+  """Marks the chosen starts as used (``-inf``) until the pool is re-scored."""
+  row_n = jnp.where(valid_n, row_n, pool.capacity)  # out of range: dropped
+  return pool.replace(scores_PxT=pool.scores_PxT.at[row_n, start_n].set(-jnp.inf, mode="drop"))

@@ -2,15 +2,20 @@
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ppow_jax import cli
 from ppow_jax import divergences
 from ppow_jax import objectives
 from ppow_jax import rewards
 from ppow_jax.errors import UserError
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "default.py")
 
 N, K = 6, 4
 
@@ -185,7 +190,7 @@ class ToyPolicyImprovementTest(absltest.TestCase):
     def rollout(theta, key):
       logq_KxVxV = jax.nn.log_softmax(theta)
       prev_N = jnp.zeros((n,), jnp.int32)
-      tokens, accepts, alphas = [], [], []
+      tokens, accepts, logps = [], [], []
       for k, key_k in enumerate(jax.random.split(key, K)):
         draw_key, coin_key = jax.random.split(key_k)
         logq_NxV, logp_NxV = logq_KxVxV[k][prev_N], logp_KxVxV[k][prev_N]
@@ -193,14 +198,19 @@ class ToyPolicyImprovementTest(absltest.TestCase):
         ratio_N = jnp.exp(jnp.minimum(
             jnp.take_along_axis(logp_NxV - logq_NxV, x_N[:, None], -1)[:, 0], 0.0))
         accepts.append(jax.random.uniform(coin_key, (n,)) < ratio_N)
-        alphas.append(divergences.alpha(logp_NxV, logq_NxV))
+        logps.append(logp_NxV)
         tokens.append(x_N)
         prev_N = x_N
       tokens_NxK = jnp.stack(tokens, 1)
       accepted_N = jnp.sum(jnp.cumprod(jnp.stack(accepts, 1), 1), 1)
-      reward_N, _ = rewards.total_reward(accepted_N, K, jnp.stack(alphas, 1), gamma=0.1,
-                                         lambda_prox=1.0)
-      adv_N = rewards.group_advantages(reward_N.reshape(self.M, self.G)).reshape(n)
+      delta_N = rewards.greedy_log_prob_gap(jnp.stack(logps, 1), tokens_NxK)
+      p = cli.load_config(BASE).ppow  # the paper's rewards, the default guard
+      reward_N, _ = rewards.total_reward(
+          accepted_N, K, gamma=0.1, lambda_prox=p.lambda_prox, use_speed=True, use_prox=True,
+          speed_form=p.speed_form, prox_form=p.prox_form, eta=p.prox_eta, eps=p.prox_eps,
+          delta_N=delta_N)
+      adv_N = rewards.group_advantages(reward_N.reshape(self.M, self.G), p.adv_delta,
+                                       p.adv_min_std).reshape(n)
       mask_NxK = objectives.tokens_that_mattered_mask(accepted_N, K)
       return tokens_NxK, window_logq(theta, tokens_NxK), adv_N, mask_NxK
 

@@ -1,5 +1,6 @@
 """Training: PPOW raises acceptance, resume is bit-identical, NaN stops cleanly, bad configs fail."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cli, drafters, rollout, settings, teacher_forcing, train_step, trainer
+from ppow_jax import (cli, drafters, rollout, settings, teacher_forcing, train_step, trainer,
+                      windowing)
 from ppow_jax.checkpoint import Checkpointer
 from ppow_jax.data import pipeline
 from ppow_jax.data import tokenizer as tokenizer_lib
@@ -24,6 +26,7 @@ from ppow_jax.metric_writer import MetricWriter
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "default.py")
+REAL = os.path.join(os.path.dirname(BASE), "llama31_8b_eagle3.py")
 
 
 def _optim(**overrides) -> train_step.OptimConfig:
@@ -35,6 +38,11 @@ def _optim(**overrides) -> train_step.OptimConfig:
 def _ppow(**overrides) -> rollout.PPOWConfig:
   return settings.ppow(cli.load_config(BASE, [(f"ppow.{k}", str(v))
                                               for k, v in overrides.items()]), gamma=0.1)
+
+
+def _ppow_cfg(**overrides) -> rollout.PPOWConfig:
+  """The base config's PPOW view with typed ``overrides`` (no string round trip)."""
+  return dataclasses.replace(_ppow(), **overrides)
 
 
 class PPOWImprovesAcceptanceTest(absltest.TestCase):
@@ -50,30 +58,66 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2))
     vocab = eagle3.identity_draft_vocab(32)
     opt = train_step.make_optimizer(_optim(learning_rate=1e-2, warmup_steps=1, decay_steps=1000))
-    state = train_step.init_state(net, opt, jax.random.PRNGKey(5))
     toks = jax.random.randint(jax.random.PRNGKey(1), (4, 24), 0, 32)
     batch = {"tokens_BxT": toks, "loss_mask_BxT": jnp.ones_like(toks)}
-    # omega=0: no token-level anchor, so any gain comes from the windowed reward alone
-    cfg = _ppow(window=4, group_size=8, starts_per_seq=4, omega=0.0, ppo_epochs=2,
-                selection="uniform")
+    # omega=0: no anchor, so any gain comes from the windowed reward alone; a pool of two
+    # batches re-scored every 5 steps (teacher-forced scores: one compile less; the self-fed
+    # ones are checked in rollout_test)
+    cfg = _ppow_cfg(window=4, group_size=8, starts_per_seq=4, omega=0.0, ppo_epochs=2,
+                    selection="uniform", pool_size=8, pool_refresh_every=5,
+                    adaw_scoring="teacher_forced")
+    state = train_step.init_ppow_state(net, opt, jax.random.PRNGKey(5), cfg, 4, 24)
+    rows = jnp.repeat(toks, 4, axis=0)  # fixed evaluation windows: 4 starts per sequence
+    starts = jnp.tile(jnp.asarray([3, 8, 13, 18]), 4)
 
     @jax.jit
-    def expected_tau(net_params):
-      tpass = teacher_forcing.target_pass(tc, tp, toks, dr.target_hidden_layers, 4 * 8 * 4)
-      ro = rollout.rollout(tc, dr, cfg, tp, {"net": net_params, "vocab": vocab}, toks,
-                           batch["loss_mask_BxT"], tpass, jax.random.PRNGKey(9))
-      return ro.metrics["tau_sim"], ro.reward_N, ro.advantage_N
+    def evaluate(net_params):
+      tpass = teacher_forcing.target_pass(tc, tp, rows, dr.target_hidden_layers, 8 * 4)
+      return rollout.rollout(tc, dr, cfg, tp, {"net": net_params, "vocab": vocab}, rows,
+                             starts, jnp.ones((16,), bool), tpass, jax.random.PRNGKey(9))
 
-    before, reward, adv = expected_tau(state.params)
-    self.assertEqual(reward.shape, (4 * 4 * 8,))
-    np.testing.assert_allclose(adv.reshape(-1, 8).mean(-1), 0.0, atol=1e-5)
+    ro = evaluate(state.params)
+    before = ro.metrics["tau_sim"]
+    self.assertEqual(ro.reward_N.shape, (16 * 8,))
+    np.testing.assert_allclose(ro.advantage_N.reshape(-1, 8).mean(-1), 0.0, atol=1e-5)
+    # the anchor is the KL to the rollout's target distributions at the trained positions
+    anchored = dataclasses.replace(cfg, omega=1.0)
+    _, stats = jax.jit(lambda p: train_step.ppow_window_loss(
+        dr, anchored, {"net": p, "vocab": vocab}, tp, rows,
+        teacher_forcing.target_pass(tc, tp, rows, dr.target_hidden_layers, 8 * 4), ro))(
+            state.params)
+    trained = np.asarray(train_step.trained_positions(ro, 4))
+    logq = np.asarray(jax.nn.log_softmax(_forced_logits(dr, tc, tp, net, vocab, rows, ro), -1))
+    logp = np.asarray(ro.logp_NxKxV, np.float64)
+    kl = (np.exp(logp) * (logp - np.maximum(logq, -100.0))).sum(-1)
+    np.testing.assert_allclose(float(stats["anchor_loss"]), kl[trained].mean(), rtol=1e-4)
+
     step = jax.jit(train_step.make_ppow_step(tc, dr, cfg, opt))
-    for _ in range(80):
+    calls = []
+    for _ in range(70):
       state, metrics = step(state, tp, vocab, batch)
-    after, _, _ = expected_tau(state.params)
+      calls.append(float(metrics["target_calls"]))
+    after = evaluate(state.params).metrics["tau_sim"]
     self.assertTrue(np.isfinite(float(metrics["loss"])))
     self.assertGreater(float(after), float(before) + 0.15,
                        f"expected acceptance length {float(before):.3f} -> {float(after):.3f}")
+    # the pool holds the last two batches; a refresh every 5 steps re-scores its 2 chunks
+    np.testing.assert_array_equal(state.pool.tokens_PxT, np.concatenate([toks, toks]))
+    self.assertEqual(calls[:6], [3.0, 3.0, 3.0, 3.0, 3.0, 5.0])
+    # batch (4×24) + 16 window rows (16×24) + 16×8 windows of 4 tokens
+    self.assertEqual(float(metrics["target_tokens"]), 4 * 24 + 16 * 24 + 16 * 8 * 4)
+    self.assertEqual(float(metrics["updates"]), 2.0)
+    self.assertEqual(float(metrics["windows"]), 16 * 8)
+
+
+def _forced_logits(dr, tc, tp, net, vocab, rows, ro):
+  """Drafter logits along the rollout's windows, drafted again from their chain states."""
+  params = {"net": net, "vocab": vocab}
+  tpass = teacher_forcing.target_pass(tc, tp, rows, dr.target_hidden_layers, 0)
+  dpass = teacher_forcing.drafter_pass(dr, params, tp, rows, tpass, 6)
+  state, buffer, n_N = teacher_forcing.chain_states(dr, dpass, rows, ro.seq_N, ro.start_N, 6)
+  return dr.draft(params, tp, state, buffer, n_N, jax.random.PRNGKey(0), 4, 1.0, 1.0,
+                  forced_BxK=ro.tokens_NxK)[1]
 
 
 def _tiny_lm_setup():
@@ -212,14 +256,19 @@ class ResumeTest(absltest.TestCase):
 class ConfigValidationTest(absltest.TestCase):
 
   def test_ppow_config_rejects_bad_fields(self):
-    import dataclasses
     cfg = _ppow()
     with self.assertRaisesRegex(UserError, "ppow.group_size must be >= 2"):
-      dataclasses.replace(cfg, group_size=1)
+      _ppow_cfg(group_size=1)
     with self.assertRaisesRegex(UserError, "ppow.window must be >= 1"):
-      dataclasses.replace(cfg, window=0)
+      _ppow_cfg(window=0)
     with self.assertRaisesRegex(UserError, "use_speed and ppow.use_prox are both False"):
-      dataclasses.replace(cfg, use_speed=False, use_prox=False)
+      _ppow_cfg(use_speed=False, use_prox=False)
+    with self.assertRaisesRegex(UserError, "adaw_scoring"):
+      _ppow_cfg(adaw_scoring="exact")
+    with self.assertRaisesRegex(UserError, "pool_size=6 must be a multiple of the batch"):
+      _ppow_cfg(pool_size=6).pool_rows(4)
+    with self.assertRaises(TypeError):  # the view has no defaults of its own
+      rollout.PPOWConfig(window=4)
 
   def test_run_config_cross_field_checks(self):
     c = cli.load_config(BASE)
@@ -234,6 +283,65 @@ class ConfigValidationTest(absltest.TestCase):
     c.ppow.group_size = 1
     with self.assertRaisesRegex(UserError, "group_size"):
       settings.validate(c)
+    c = cli.load_config(BASE)
+    c.continued.optim.decay_steps = c.ppow.optim.decay_steps + 1
+    with self.assertRaisesRegex(UserError, "continued.optim.decay_steps.*schedule shape"):
+      settings.validate(c)
+
+  def test_one_window_for_training_and_evaluation(self):
+    for c in (cli.load_config(BASE), cli.load_config(REAL + ":runlocal")):
+      settings.validate(c)
+      self.assertEqual(settings.eval_window(c), c.ppow.window)
+    c = cli.load_config(BASE)
+    c.eval.window = 3  # on purpose
+    self.assertEqual(settings.eval_window(c), 3)
+    c.eval.window = 0
+    with self.assertRaisesRegex(UserError, r"config.eval.window=0: must be >= 1, or -1"):
+      settings.validate(c)
+
+
+class WindowSelectionTest(absltest.TestCase):
+
+  def test_uniform_warmup_then_adaw_and_spent_starts(self):
+    cfg = _ppow_cfg(window=2, selection="topk", adaw_warmup_steps=3)
+    pool = windowing.init_pool(2, 10)
+    scores = np.zeros((2, 10), np.float32)
+    scores[1, 6] = 9.0  # ADAW's clear favourite
+    scores[0, 0] = -np.inf
+    pool = pool.replace(scores_PxT=jnp.asarray(scores))
+    select = jax.jit(lambda step, key: train_step._select_windows(cfg, step, key, pool, 1))
+    picks = {step: {tuple(int(x[0]) for x in select(step, jax.random.PRNGKey(i))[:2])
+                    for i in range(20)} for step in (0, 2, 3, 7)}
+    self.assertEqual(picks[3], {(1, 6)})
+    self.assertEqual(picks[7], {(1, 6)})
+    self.assertGreater(len(picks[0]), 5)  # uniform during the warm-up
+    self.assertNotIn((0, 0), picks[0] | picks[2])
+    *_, spent = select(5, jax.random.PRNGKey(0))
+    self.assertEqual(float(spent.scores_PxT[1, 6]), -np.inf)  # trained: out until re-scored
+    self.assertEqual(float(spent.scores_PxT[1, 5]), 0.0)
+
+
+class BudgetMatchedControlTest(absltest.TestCase):
+
+  def test_updates_per_batch_repeats_the_update_on_one_batch(self):
+    cfg = llama.ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
+                            num_heads=2, num_kv_heads=1)
+    opt = train_step.make_optimizer(_optim(learning_rate=1e-2, warmup_steps=2))
+    dr = drafters.LMDrafter(cfg)
+    bcfg = dataclasses.replace(settings.baseline(cli.load_config(BASE)), ttt_steps=1)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+    batch = {"tokens_BxT": toks, "loss_mask_BxT": jnp.ones_like(toks)}
+    one = jax.jit(train_step.make_baseline_step(cfg, dr, bcfg, opt, 1))
+    two = jax.jit(train_step.make_baseline_step(cfg, dr, bcfg, opt, 2))
+    state = train_step.init_state(params, opt, jax.random.PRNGKey(2))
+    want, _ = one(one(state, params, None, batch)[0], params, None, batch)
+    got, metrics = two(state, params, None, batch)
+    self.assertEqual(int(got.step), 1)
+    self.assertEqual(float(metrics["updates"]), 2.0)
+    self.assertEqual(float(metrics["target_tokens"]), 2 * 9)  # one pass for both updates
+    for x, y in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want.params)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 if __name__ == "__main__":

@@ -38,18 +38,22 @@ def measure(c, workdir: str, repeats: int) -> dict:
   drafter, init = drafter_stages.build_drafter(c, tcfg, data)
   trainable, constants = train_step.split_params(drafter, init)
   opt = train_step.make_optimizer(settings.optim(c.baseline.optim))
-  state = train_step.init_state(trainable, opt, jax.random.PRNGKey(0))
+  pcfg = settings.ppow(c, max(c.ppow.gamma, 0.0))
+  states = {"baseline": train_step.init_state(trainable, opt, jax.random.PRNGKey(0)),
+            "ppow": train_step.init_ppow_state(trainable, opt, jax.random.PRNGKey(0), pcfg,
+                                               c.ppow.batch_size, c.data.seq_len)}
   steps = {
-      "baseline": (jax.jit(train_step.make_baseline_step(tcfg, drafter, settings.baseline(c),
-                                                         opt)), c.baseline.batch_size),
-      "ppow": (jax.jit(train_step.make_ppow_step(tcfg, drafter,
-                                                 settings.ppow(c, max(c.ppow.gamma, 0.0)), opt)),
+      "baseline": (jax.jit(train_step.make_baseline_step(tcfg, drafter,
+                                                         settings.baseline(c), opt)),
+                   c.baseline.batch_size),
+      "ppow": (jax.jit(train_step.make_ppow_step(tcfg, drafter, pcfg, opt,
+                                                 settings.baseline(c))),
                c.ppow.batch_size),
   }
   batches = {name: next(datasets.train_iterator(data, c.data.seq_len, b, 0))
              for name, (_, b) in steps.items()}
   timed = timing.interleaved(
-      {name: (lambda fn=fn, name=name: fn(state, tparams, constants, batches[name]))
+      {name: (lambda fn=fn, name=name: fn(states[name], tparams, constants, batches[name]))
        for name, (fn, _) in steps.items()}, repeats)
   out = {}
   for name in steps:
