@@ -6,9 +6,6 @@ import subprocess
 import tempfile
 
 from absl.testing import absltest
-import jax
-
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = "docs/protocol.md"

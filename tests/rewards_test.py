@@ -12,7 +12,6 @@ from ppow_jax.errors import UserError
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "default.py")
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 N, K, V = 12, 5, 6
 KW = dict(lambda_prox=1.0, use_speed=True, use_prox=True, speed_form="paper",
@@ -57,6 +56,7 @@ class RewardsTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
     rng = np.random.default_rng(0)
     self.accepted = rng.integers(0, K + 1, N)
     self.valid = np.arange(K)[None, :] < rng.integers(0, K + 1, N)[:, None]

@@ -17,7 +17,6 @@ from ppow_jax.bench import pairs, serve_check
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, hf
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 WINDOW = 3
 SPECIALS = 3  # <unk>, <s>, </s>: ids 0..2 of pairs.vocab_pieces
@@ -33,6 +32,10 @@ def _log(n_predict=10, n_drafted=12, n_accept=4, gen="xyz", echo="<s> ab"):
 
 
 class ParsingTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
 
   def test_parse_speculative_log(self):
     out = serve_check.parse_speculative_log(*_log(gen="x\n\ny "), echo="<s> ab")

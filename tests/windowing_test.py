@@ -8,7 +8,6 @@ import numpy as np
 from ppow_jax import divergences, windowing
 from ppow_jax.errors import UserError
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 V = 8
 OOV = -1e30  # what a reduced draft vocabulary gives tokens it cannot emit
@@ -31,7 +30,15 @@ def _np_scores(p, q):
   return (1 - ent / np.log(p.shape[-1])) * m * kl
 
 
-class ScoresTest(absltest.TestCase):
+class _StrictTest(absltest.TestCase):
+  """Implicit rank promotion raises (scoped to each test, so other modules are unaffected)."""
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+
+class ScoresTest(_StrictTest):
 
   def test_unfixable_out_of_vocab_mass_does_not_outrank_a_fixable_position(self):
     # tokens 6, 7 are outside the draft vocabulary
@@ -99,7 +106,7 @@ def _np_greedy(keys, n, window):
   return out
 
 
-class SelectionTest(absltest.TestCase):
+class SelectionTest(_StrictTest):
 
   def test_topk_across_rows_without_overlap(self):
     rng = np.random.default_rng(2)
@@ -156,7 +163,7 @@ class SelectionTest(absltest.TestCase):
       windowing.select_nonoverlapping(jnp.zeros((1, 4)), 1, 0)
 
 
-class PoolTest(absltest.TestCase):
+class PoolTest(_StrictTest):
 
   def test_insert_ring_and_spend(self):
     pool = windowing.init_pool(4, 5)
