@@ -47,8 +47,9 @@ Rules = tuple  # of (logical_name, MeshAxis)
 
 # Logical names of activations (llama.py, eagle3.py) and of the KV cache (``CACHE_AXES``).
 ACTIVATION_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
-# KVCache.k_LxBxSxKxD / v_LxBxSxKxD: layers stay whole on every device.
-CACHE_AXES = (None, "batch", "length", "kv_heads", "head_dim")
+# Logical axes of one layer's keys (or values) in the KV cache; llama.KVCache stores them
+# with batch and kv_heads merged into one axis (``cache_spec``).
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 DRAFTER_PARAM_MODES = ("fsdp", "replicated")
 
 
@@ -299,9 +300,18 @@ def global_batch(host_local_batch: Any, mesh: Mesh, spec: P) -> Any:
       host_local_batch)
 
 
-def cache_sharding(mesh: Mesh, rules: Rules) -> llama.KVCache:
+def cache_spec(rules: Rules) -> P:
+  """Spec of one ``[B·KV, S, D]`` cache array: the merged axis is split over the batch's
+  mesh axes, then the KV heads' (row-major, as the merge)."""
+  axes = []
+  for entry in tuple(spec_for(CACHE_AXES, rules))[:2]:
+    axes += [] if entry is None else list(entry) if isinstance(entry, tuple) else [entry]
+  return P(tuple(axes) or None)
+
+
+def cache_sharding(mesh: Mesh, rules: Rules, num_layers: int) -> llama.KVCache:
   """Shardings of a ``llama.KVCache`` (a pytree of the same structure), for ``jit``."""
-  kv = NamedSharding(mesh, spec_for(CACHE_AXES, rules))
+  kv = (NamedSharding(mesh, cache_spec(rules)),) * num_layers
   return llama.KVCache(kv, kv, NamedSharding(mesh, spec_for(("batch",), rules)))
 
 

@@ -99,7 +99,8 @@ class RulesTest(parameterized.TestCase):
     self.assertTrue(specs and all(_norm(s) == () for s in specs.values()))
     self.assertEqual(_norm(sharding.batch_spec(ACT_RULES)), (("data", "fsdp"),))
     self.assertEqual(_norm(sharding.spec_for(sharding.CACHE_AXES, ACT_RULES)),
-                     (None, ("data", "fsdp"), None, "tensor"))
+                     (("data", "fsdp"), "tensor"))
+    self.assertEqual(_norm(sharding.cache_spec(ACT_RULES)), (("data", "fsdp", "tensor"),))
 
   @parameterized.named_parameters(
       ("conflict", [("vocab", "tensor"), ("embed", "fsdp"), ("vocab", None)],
@@ -232,9 +233,12 @@ class ShardedModelTest(absltest.TestCase):
 
   def test_cache_and_data_shardings(self):
     cache = llama.init_cache(TINY, batch=4, max_length=16)
-    placed = jax.device_put(cache, sharding.cache_sharding(self.mesh, ACT_RULES))
-    shard_shape = placed.k_LxBxSxKxD.addressable_shards[0].data.shape
-    self.assertEqual(shard_shape, (TINY.num_layers, 2, 16, 1, TINY.resolved_head_dim))
+    placed = jax.device_put(
+        cache, sharding.cache_sharding(self.mesh, ACT_RULES, TINY.num_layers))
+    self.assertLen(placed.k_BKxSxD, TINY.num_layers)
+    shard_shape = placed.k_BKxSxD[-1].addressable_shards[0].data.shape
+    # 4 rows x 4 KV heads over fsdp 2 x tensor 4: each device holds one row's share
+    self.assertEqual(shard_shape, (4 * TINY.num_kv_heads // 8, 16, TINY.resolved_head_dim))
     self.assertEqual(sharding.data_sharding(self.mesh, ACT_RULES).spec,
                      sharding.batch_spec(ACT_RULES))
 
