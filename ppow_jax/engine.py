@@ -37,6 +37,7 @@ class DecodeConfig:
   top_p: float = 1.0  # nucleus filtering applied to both p and q (1.0: off).
   max_new_tokens: int = 64  # new tokens per row.
   eos_ids: tuple = ()  # stop a row after any of these tokens (empty: never).
+  prefill_chunk: int = 512  # prompt tokens per target call in the prompt pass (0: all at once).
 
   def __post_init__(self):
     if self.window < 1:
@@ -47,6 +48,8 @@ class DecodeConfig:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.max_new_tokens < 1:
       raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.prefill_chunk < 0:
+      raise UserError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
 
 
 @flax.struct.dataclass
@@ -139,19 +142,39 @@ def _keep_count(committed_BxC: Array, count_B: Array, n_B: Array, prompt_len_B: 
 
 
 def _prefill(target: llama.Decoder, target_params, prompts_BxP: Array, prompt_len_B: Array,
-             cache_len: int, hidden_layers: tuple):
+             cache_len: int, hidden_layers: tuple, chunk: int):
   """Cache the prompts; the last prompt token stays pending, as in every later round.
 
   So the first verification covers [last prompt token, d_1..d_K], exactly like Hugging Face's
-  assisted generation, and every new token comes from a counted target call.
+  assisted generation, and every new token comes from a counted target call. Long prompts
+  go through in chunks of ``chunk`` tokens (a scan, then the remainder), so the attention
+  scores of the prompt pass are ``[chunk, S]`` per head instead of ``[P, S]``.
   """
   b, p = prompts_BxP.shape
   cache = llama.init_cache(target.cfg, b, cache_len)
-  out = target.apply({"params": target_params}, prompts_BxP, cache=cache,
-                     hidden_layers=hidden_layers, return_logits=False,
-                     method=llama.Decoder.forward)
+
+  def call(cache, tokens_BxC):
+    out = target.apply({"params": target_params}, tokens_BxC, cache=cache,
+                       hidden_layers=hidden_layers, return_logits=False,
+                       method=llama.Decoder.forward)
+    return out.cache, out.hidden_states
+
+  chunk = chunk if 0 < chunk < p else p
+  n_full = p // chunk
+  hidden = []
+  if n_full > 1:
+    chunks_NxBxC = prompts_BxP[:, :n_full * chunk].reshape(b, n_full, chunk).swapaxes(0, 1)
+    cache, hidden_N = jax.lax.scan(call, cache, chunks_NxBxC)
+    hidden.append(tuple(x.swapaxes(0, 1).reshape(b, n_full * chunk, -1) for x in hidden_N))
+  else:
+    cache, h = call(cache, prompts_BxP[:, :chunk])
+    hidden.append(h)
+  if n_full * chunk < p:
+    cache, h = call(cache, prompts_BxP[:, n_full * chunk:])
+    hidden.append(h)
+  hidden = tuple(jnp.concatenate(parts, axis=1) for parts in zip(*hidden))
   buffer_BxN = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(prompts_BxP)
-  return buffer_BxN, out.cache.replace(lengths_B=prompt_len_B - 1), out.hidden_states
+  return buffer_BxN, cache.replace(lengths_B=prompt_len_B - 1), hidden
 
 
 def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B: Array,
@@ -168,10 +191,14 @@ def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B
 
 def accept(rng: Array, draft_BxK: Array, draft_logits_BxKxV: Array, target_logits_BxK1xV: Array,
            cfg: DecodeConfig) -> acceptance.AcceptResult:
-  """Greedy prefix match at T=0, lossless rejection sampling otherwise."""
-  q_BxKxV = sampling.probs_from_logits(draft_logits_BxKxV, cfg.temperature, cfg.top_p)
+  """Greedy prefix match at T=0, lossless rejection sampling otherwise.
+
+  At T=0 the drafts are the drafter's argmax tokens, so α_i = q_i(argmax p_i) is the match
+  indicator itself: no distribution over the vocabulary is built.
+  """
   if cfg.temperature == 0:
-    return acceptance.greedy_accept(draft_BxK, target_logits_BxK1xV, draft_probs_BxKxV=q_BxKxV)
+    return acceptance.greedy_accept(draft_BxK, target_logits_BxK1xV)
+  q_BxKxV = sampling.probs_from_logits(draft_logits_BxKxV, cfg.temperature, cfg.top_p)
   p_BxK1xV = sampling.probs_from_logits(target_logits_BxK1xV, cfg.temperature, cfg.top_p)
   return acceptance.rejection_accept(rng, draft_BxK, q_BxKxV, p_BxK1xV)
 
@@ -183,13 +210,15 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
   k = cfg.window
   b = prompts_BxP.shape[0]
   buffer_BxN, tcache, hidden = _prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                        cache_len, drafter.target_hidden_layers)
+                                        cache_len, drafter.target_hidden_layers,
+                                        cfg.prefill_chunk)
   dstate = drafter.init_state(b, cache_len)
   dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
                            hidden)
 
   def body(s: _LoopState) -> _LoopState:
-    rng, k_draft, k_acc = jax.random.split(s.rng, 3)
+    # greedy decoding draws nothing: no key splitting in the loop
+    rng, k_draft, k_acc = (s.rng,) * 3 if cfg.temperature == 0 else jax.random.split(s.rng, 3)
     active_B = ~s.done_B
     draft_BxK, dlogits_BxKxV, dstate = drafter.draft(
         draft_params, target_params, s.draft_state, s.buffer_BxN, s.n_B, k_draft, k,
@@ -238,10 +267,10 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
   target = llama.Decoder(target_cfg)
   b = prompts_BxP.shape[0]
   buffer_BxN, tcache, _ = _prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                   cache_len, ())
+                                   cache_len, (), cfg.prefill_chunk)
 
   def body(s: _LoopState) -> _LoopState:
-    rng, key = jax.random.split(s.rng)
+    rng, key = (s.rng,) * 2 if cfg.temperature == 0 else jax.random.split(s.rng)
     active_B = ~s.done_B
     pending_B = _gather_rows(s.buffer_BxN[:, :, None], s.n_B - 1)[:, 0]
     out = target.apply({"params": target_params}, pending_B[:, None],

@@ -47,8 +47,9 @@ Rules = tuple  # of (logical_name, MeshAxis)
 
 # Logical names of activations (llama.py, eagle3.py) and of the KV cache (``CACHE_AXES``).
 ACTIVATION_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
-# KVCache.k_LxBxSxKxD / v_LxBxSxKxD: layers stay whole on every device.
-CACHE_AXES = (None, "batch", "length", "kv_heads", "head_dim")
+# Logical axes of one layer's keys (or values) in the KV cache; llama.KVCache stores them
+# with batch and kv_heads merged into one axis (``cache_spec``).
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 DRAFTER_PARAM_MODES = ("fsdp", "replicated")
 
 

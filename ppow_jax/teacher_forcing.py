@@ -98,9 +98,7 @@ def chain_states(drafter: Drafter, dpass: DrafterPass, tokens_BxT: Array, seq_N:
   ``(state, buffer_NxT, n_N)`` with ``n = start + 1`` committed tokens.
   """
   take = lambda x: jnp.take(x, seq_N, axis=0)
-  cache = dpass.cache
-  cache = llama.KVCache(jnp.take(cache.k_LxBxSxKxD, seq_N, axis=1),
-                        jnp.take(cache.v_LxBxSxKxD, seq_N, axis=1), start_N)
+  cache = dpass.cache.take_rows(seq_N, start_N)
   buffer_NxT = jnp.pad(take(tokens_BxT), ((0, 0), (0, extra_slots)))
   n_N = start_N + 1
   if isinstance(drafter, LMDrafter):

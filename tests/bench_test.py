@@ -8,15 +8,18 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl.testing import absltest
+import numpy as np
 
 from ppow_jax.bench import decode, pairs, peers
+from ppow_jax.errors import UserError
 from ppow_jax.models import hf
 
 TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
                            residual_scale=0.01)
 RESULT_KEYS = {"batch", "ar_tokens_per_s", "spec_tokens_per_s", "tau", "tau_analytic", "alpha",
                "gamma", "gamma_detail", "ideal_speedup", "measured_speedup",
-               "measured_over_ideal", "verify_cost_curve", "greedy_identical", "breakdown"}
+               "measured_over_ideal", "verify_cost_curve", "greedy_identical", "breakdown",
+               "ideal_cost_curve_speedup", "measured_over_ideal_cost_curve"}
 
 
 class DecodeBenchTest(absltest.TestCase):
@@ -47,7 +50,31 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertEqual(tok.get_vocab_size(), target.cfg.vocab_size)
 
 
+class CostCurveIdealTest(absltest.TestCase):
+
+  def test_flat_curve_gives_the_protocol_ideal_and_a_steeper_one_less(self):
+    tau, k, t_one, gamma = 4.2, 5, 0.003, 0.07
+    flat = decode.cost_curve_ideal(tau, t_one, t_one, gamma * t_one, k)
+    self.assertAlmostEqual(flat, tau / (1 + k * gamma), delta=1e-9 * flat)
+    steep = decode.cost_curve_ideal(tau, t_one, 2.0 * t_one, gamma * t_one, k)
+    self.assertAlmostEqual(steep, tau / (2.0 + k * gamma), delta=1e-9 * steep)
+
+
 class PairTest(absltest.TestCase):
+
+  def test_dtype_is_honoured_and_checked(self):
+    small = dict(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
+                 num_heads=4, num_kv_heads=2)
+    f32 = pairs.synthetic_pair(pairs.SyntheticSpec(**small))
+    bf16 = pairs.synthetic_pair(pairs.SyntheticSpec(**small, dtype="bfloat16"))
+    self.assertEqual((bf16.target_cfg.dtype, bf16.drafter.cfg.param_dtype),
+                     ("bfloat16", "bfloat16"))
+    w32 = f32.target_params["layers_1"]["mlp"]["down_proj"]
+    w16 = bf16.target_params["layers_1"]["mlp"]["down_proj"]
+    self.assertEqual(str(w16.dtype), "bfloat16")
+    np.testing.assert_allclose(np.asarray(w16, np.float32), w32, rtol=1e-2)
+    with self.assertRaisesRegex(UserError, "float8"):
+      pairs.synthetic_pair(pairs.SyntheticSpec(**small, dtype="float8"))
 
   def test_tokenizer_is_a_bijection_on_text(self):
     tok = pairs.build_tokenizer(128)

@@ -54,6 +54,44 @@ class CacheTest(absltest.TestCase):
       pos += chunk
       np.testing.assert_array_equal(cache.lengths_B, pos)
 
+  def test_single_row(self):
+    # one row takes the dynamic-update-slice write, several rows the scatter
+    fwd = _forward(CFG)
+    out = fwd(self.params, self.tokens[1:, :7], llama.init_cache(CFG, 1, 32))
+    for start, chunk in ((7, 1), (8, 5), (13, 1)):
+      out = fwd(self.params, self.tokens[1:, start:start + chunk], out.cache)
+      np.testing.assert_allclose(out.logits_BxTxV[0], self.full[1, start:start + chunk],
+                                 atol=1e-5, err_msg=f"chunk {chunk} at {start}")
+    np.testing.assert_array_equal(out.cache.lengths_B, [14])
+
+  def test_take_rows(self):
+    cache = _forward(CFG)(self.params, self.tokens[:, :5], llama.init_cache(CFG, 2, 8)).cache
+    taken = cache.take_rows(jnp.array([1, 1, 0]), jnp.array([3, 4, 5]))
+    kv = CFG.num_kv_heads
+    for layer in range(CFG.num_layers):
+      for new, old in enumerate([1, 1, 0]):
+        for got, src in ((taken.k_BKxSxD, cache.k_BKxSxD), (taken.v_BKxSxD, cache.v_BKxSxD)):
+          np.testing.assert_array_equal(got[layer][new * kv:(new + 1) * kv],
+                                        src[layer][old * kv:(old + 1) * kv])
+    np.testing.assert_array_equal(taken.lengths_B, [3, 4, 5])
+    self.assertEqual(taken.max_length, 8)
+
+  def test_cache_is_written_in_place_in_a_loop(self):
+    # the engine's loops carry the cache: no step may copy a whole layer's keys or values
+    model = llama.Decoder(CFG)
+    for batch in (1, 2):
+      def step(i, cache):
+        tok = jnp.full((batch, 1), i % CFG.vocab_size)
+        return model.apply({"params": self.params}, tok, cache=cache,
+                           method=llama.Decoder.forward).cache
+      loop = jax.jit(lambda c: jax.lax.fori_loop(0, 4, step, c), donate_argnums=0)
+      cache = llama.init_cache(CFG, batch, 32)
+      hlo = loop.lower(cache).compile().as_text()
+      shape = f"f32[{batch * CFG.num_kv_heads},32,{CFG.resolved_head_dim}]"
+      copies = [ln for ln in hlo.splitlines()
+                if "copy(" in ln and ln.split("=", 1)[-1].strip().startswith(shape)]
+      self.assertEmpty(copies, f"batch {batch}")
+
   def test_stale_entries_after_rollback_are_ignored(self):
     fwd = _forward(CFG)
     cache = llama.init_cache(CFG, 2, 32)

@@ -100,7 +100,8 @@ class RulesTest(parameterized.TestCase):
     self.assertTrue(specs and all(_norm(s) == () for s in specs.values()))
     self.assertEqual(_norm(sharding.batch_spec(ACT_RULES)), (("data", "fsdp"),))
     self.assertEqual(_norm(sharding.spec_for(sharding.CACHE_AXES, ACT_RULES)),
-                     (None, ("data", "fsdp"), None, "tensor"))
+                     (("data", "fsdp"), "tensor"))
+    self.assertEqual(_norm(sharding.cache_spec(ACT_RULES)), (("data", "fsdp", "tensor"),))
 
   @parameterized.named_parameters(
       ("conflict", [("vocab", "tensor"), ("embed", "fsdp"), ("vocab", None)],

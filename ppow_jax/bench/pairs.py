@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from ppow_jax import drafters
+from ppow_jax.errors import UserError
 from ppow_jax.models import hf, llama
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -43,6 +44,7 @@ class SyntheticSpec:
   residual_scale: float = 0.05  # multiplies o_proj/down_proj of layers 1..L-1
   lm_head_scale: float = 8.0  # sharper target/draft distributions than the 0.02 init gives
   seed: int = 0
+  dtype: str = "float32"  # parameters and compute (float32, bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,15 @@ class Pair:
 
 
 def synthetic_pair(spec: SyntheticSpec = SyntheticSpec()) -> Pair:
-  """Target of ``spec.num_layers`` layers and its 1-layer copy as an independent LM drafter."""
+  """Target of ``spec.num_layers`` layers and its 1-layer copy as an independent LM drafter.
+
+  The weights are drawn and scaled in float32 and then cast to ``spec.dtype``, so pairs of
+  different dtypes hold the same weights up to rounding.
+  """
+  try:
+    dtype = llama.to_dtype(spec.dtype)
+  except ValueError as e:
+    raise UserError(f"synthetic pair: {e}") from None
   tcfg = llama.ModelConfig(
       vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
       intermediate_size=spec.intermediate_size, num_layers=spec.num_layers,
@@ -71,9 +81,12 @@ def synthetic_pair(spec: SyntheticSpec = SyntheticSpec()) -> Pair:
     attn["o_proj"] = attn["o_proj"] * np.float32(spec.residual_scale)
     mlp["down_proj"] = mlp["down_proj"] * np.float32(spec.residual_scale)
     params[f"layers_{i}"] = {**layer, "self_attn": attn, "mlp": mlp}
+  tcfg = dataclasses.replace(tcfg, dtype=spec.dtype, param_dtype=spec.dtype)
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x.astype(dtype)), params)
   dcfg = dataclasses.replace(tcfg, num_layers=1)
   dparams = {k: params[k] for k in ("embed_tokens", "layers_0", "norm", "lm_head")}
-  desc = (f"synthetic: target = {spec.num_layers}-layer LLaMA (hidden {spec.hidden_size}, "
+  desc = (f"synthetic ({spec.dtype}): target = {spec.num_layers}-layer LLaMA "
+          f"(hidden {spec.hidden_size}, "
           f"mlp {spec.intermediate_size}, vocab {spec.vocab_size}, heads {spec.num_heads}/"
           f"{spec.num_kv_heads} kv) with o_proj/down_proj of layers 1..{spec.num_layers - 1} "
           f"scaled by {spec.residual_scale}; drafter = an independent 1-layer LM copying the "

@@ -100,24 +100,40 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Preallocated per-layer keys and values, with each row's number of valid positions.
+  """Preallocated keys and values, one ``[B·KV, S, D]`` array per layer (row b's KV heads
+  are rows ``b·KV .. b·KV + KV - 1``), and each row's number of valid positions.
 
-  Rolling back a row after a rejected draft is just lowering ``lengths_B``: stale entries
-  past a row's length are masked out and overwritten by the next write.
+  This layout lets XLA write each layer's new entries in place and feed the attention dots
+  without copies: a stacked ``[L, ...]`` array is copied whole when a slice of it is
+  updated inside a loop, and a ``[B, KV, S, D]`` array is copied when the dot merges its
+  batch and head axes. Rolling back a row after a rejected draft is just lowering
+  ``lengths_B``: stale entries past a row's length are masked out and overwritten later.
   """
-  k_LxBxSxKxD: Array
-  v_LxBxSxKxD: Array
+  k_BKxSxD: tuple  # one [B * KV, S, D] array per layer
+  v_BKxSxD: tuple
   lengths_B: Array  # int32
 
   @property
   def max_length(self) -> int:
-    return self.k_LxBxSxKxD.shape[2]
+    return self.k_BKxSxD[0].shape[1]
+
+  def take_rows(self, rows_N: Array, lengths_N: Array) -> "KVCache":
+    """A cache of the given batch rows (with new lengths), e.g. one copy per rollout chain."""
+    b = self.lengths_B.shape[0]
+
+    def take(x_BKxSxD):
+      _, s, d = x_BKxSxD.shape
+      x_BxKxSxD = x_BKxSxD.reshape(b, -1, s, d)
+      return jnp.take(x_BxKxSxD, rows_N, axis=0).reshape(-1, s, d)
+
+    return KVCache(tuple(map(take, self.k_BKxSxD)), tuple(map(take, self.v_BKxSxD)), lengths_N)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
-  shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  shape = (batch * cfg.num_kv_heads, max_length, cfg.resolved_head_dim)
   dtype = dtype or to_dtype(cfg.dtype)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return KVCache(zeros(), zeros(), jnp.zeros((batch,), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -195,10 +211,27 @@ def attention_mask(q_pos_BxT: Array, kv_len: int, sliding_window: int) -> Array:
   return mask
 
 
-def _write_rows(cache_BxSxKxD: Array, new_BxTxKxD: Array, start_B: Array) -> Array:
-  """Write each row's new entries at its own offset (no host round-trip)."""
-  write = lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0))
-  return jax.vmap(write)(cache_BxSxKxD, new_BxTxKxD.astype(cache_BxSxKxD.dtype), start_B)
+def _write_rows(cache_BKxSxD: Array, new_BxTxKxD: Array, start_B: Array) -> Array:
+  """Row b's T new entries into slots ``start_B[b] .. + T`` (no host round-trip).
+
+  One scatter (a dynamic-update-slice for a single row), which XLA performs in place when
+  the cache is a loop carry or a donated argument. Slots past the end are dropped.
+  """
+  b, t, kv, _ = new_BxTxKxD.shape
+  new_BxKxTxD = new_BxTxKxD.astype(cache_BKxSxD.dtype).transpose(0, 2, 1, 3)
+  if b == 1:
+    start = jnp.minimum(start_B[0], cache_BKxSxD.shape[1] - t)
+    return jax.lax.dynamic_update_slice(cache_BKxSxD, new_BxKxTxD[0], (0, start, 0))
+  rows_BxKx1 = (jnp.arange(b)[:, None] * kv + jnp.arange(kv)[None, :])[:, :, None]
+  slots_Bx1xT = (start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :])[:, None, :]
+  return cache_BKxSxD.at[rows_BxKx1, slots_Bx1xT].set(new_BxKxTxD, mode="drop")
+
+
+def _matmul(x_BxTxE: Array, w_ExN: Array, preferred_element_type=None) -> Array:
+  """``[B, T, E] @ [E, N]`` as one 2-D matmul (XLA's CPU backend fuses these best)."""
+  b, t, e = x_BxTxE.shape
+  y = jnp.dot(x_BxTxE.reshape(b * t, e), w_ExN, preferred_element_type=preferred_element_type)
+  return y.reshape(b, t, w_ExN.shape[1])
 
 
 class Attention(nn.Module):
@@ -217,9 +250,11 @@ class Attention(nn.Module):
     wv = _param(self, "v_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
     wo = _param(self, "o_proj", (h, d, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg)
     x = x_BxTxE.astype(dt)
-    q_BxTxHxD = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
-    k_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, wk.astype(dt))
-    v_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, wv.astype(dt))
+    b, t = x.shape[:2]
+    # [E, H, D] -> [E, H*D] is a free reshape; the 2-D form avoids per-call weight transposes
+    q_BxTxHxD = _matmul(x, wq.astype(dt).reshape(e_in, h * d)).reshape(b, t, h, d)
+    k_BxTxKxD = _matmul(x, wk.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
+    v_BxTxKxD = _matmul(x, wv.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_BxTxHxD += _param(self, "q_bias", (h, d), ("heads", "head_dim"), cfg, zeros).astype(dt)
@@ -233,30 +268,37 @@ class Attention(nn.Module):
     k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
     q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
 
+    g = h // kv
     new_cache = None
     if cache is not None:
       lengths_B = cache.lengths_B
-      k_all = _write_rows(cache.k_LxBxSxKxD[layer], k_BxTxKxD, lengths_B)
-      v_all = _write_rows(cache.v_LxBxSxKxD[layer], v_BxTxKxD, lengths_B)
-      new_cache = cache.replace(k_LxBxSxKxD=cache.k_LxBxSxKxD.at[layer].set(k_all),
-                                v_LxBxSxKxD=cache.v_LxBxSxKxD.at[layer].set(v_all))
-      k_BxSxKxD, v_BxSxKxD = k_all.astype(dt), v_all.astype(dt)
+      k_all = _write_rows(cache.k_BKxSxD[layer], k_BxTxKxD, lengths_B)
+      v_all = _write_rows(cache.v_BKxSxD[layer], v_BxTxKxD, lengths_B)
+      replace = lambda xs, x: xs[:layer] + (x,) + xs[layer + 1:]
+      new_cache = cache.replace(k_BKxSxD=replace(cache.k_BKxSxD, k_all),
+                                v_BKxSxD=replace(cache.v_BKxSxD, v_all))
+      k_BKxSxD, v_BKxSxD = k_all.astype(dt), v_all.astype(dt)
     else:
-      k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+      k_BKxSxD = k_BxTxKxD.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
+      v_BKxSxD = v_BxTxKxD.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
+    s = k_BKxSxD.shape[1]
     mask_BxTxS = attn_mask_BxTxS
     if mask_BxTxS is None:
-      mask_BxTxS = attention_mask(positions_BxT, k_BxSxKxD.shape[1], cfg.sliding_window)
+      mask_BxTxS = attention_mask(positions_BxT, s, cfg.sliding_window)
+    mask_BKxGTxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, kv, g, t, s)).reshape(
+        b * kv, g * t, s)
 
-    b, t = q_BxTxHxD.shape[:2]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                        preferred_element_type=jnp.float32)
+    # one batch axis (row, KV head) for both dots: they read the cache arrays as they are
+    q_BKxGTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(
+        b * kv, g * t, d)
+    scores = jnp.einsum("nmd,nsd->nms", q_BKxGTxD, k_BKxSxD, preferred_element_type=jnp.float32)
     scores = scores / np.float32(math.sqrt(d))
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_BKxGTxS, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    out_BxTxHxD = out_BxTxKxGxD.reshape(b, t, h, d)
-    out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxHxD, wo.astype(dt))
+    out_BKxGTxD = jnp.einsum("nms,nsd->nmd", probs, v_BKxSxD)
+    out_BxTxHD = out_BKxGTxD.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
+        b, t, h * d)
+    out_BxTxE = _matmul(out_BxTxHD, wo.astype(dt).reshape(h * d, cfg.hidden_size))
     return nn.with_logical_constraint(out_BxTxE, ("batch", "length", "embed")), new_cache
 
 
@@ -272,9 +314,9 @@ class Mlp(nn.Module):
     up = _param(self, "up_proj", (e, m), ("embed", "mlp"), cfg)
     down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
     x = x_BxTxE.astype(dt)
-    h_BxTxM = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    h_BxTxM = jax.nn.silu(_matmul(x, gate.astype(dt))) * _matmul(x, up.astype(dt))
     h_BxTxM = nn.with_logical_constraint(h_BxTxM, ("batch", "length", "mlp"))
-    return h_BxTxM @ down.astype(dt)
+    return _matmul(h_BxTxM, down.astype(dt))
 
 
 class DecoderLayer(nn.Module):
@@ -323,7 +365,7 @@ class Decoder(nn.Module):
     x = self.norm(x_BxTxE).astype(dt)
     w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
     # accumulate in float32 without materialising a float32 copy of a large bf16 head
-    logits = jnp.einsum("bte,ev->btv", x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
+    logits = _matmul(x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def forward(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,

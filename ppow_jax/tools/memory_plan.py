@@ -71,12 +71,12 @@ def _tree_bytes(abstract, specs, axis_sizes) -> int:
 
 
 def _cache_bytes(cfg, rows: int, slots: int, rules, axis_sizes) -> int:
-  """Keys + values of a KVCache: [L, rows, slots, kv_heads, head_dim] each."""
+  """Keys + values of a KVCache: L layers of [rows, kv_heads, slots, head_dim] each."""
   layer_cfg = cfg.layer_config() if isinstance(cfg, eagle3.Eagle3Config) else cfg
-  shape = (layer_cfg.num_layers, rows, slots, layer_cfg.num_kv_heads,
-           layer_cfg.resolved_head_dim)
+  shape = (rows, layer_cfg.num_kv_heads, slots, layer_cfg.resolved_head_dim)
   spec = sharding.spec_for(sharding.CACHE_AXES, rules)
-  return 2 * sharding.bytes_per_device(shape, llama.to_dtype(layer_cfg.dtype), spec, axis_sizes)
+  return 2 * layer_cfg.num_layers * sharding.bytes_per_device(
+      shape, llama.to_dtype(layer_cfg.dtype), spec, axis_sizes)
 
 
 def _layer_peak(cfg: llama.ModelConfig, rows: int, queries: int, keys: int, rules,
