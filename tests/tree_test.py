@@ -13,8 +13,6 @@ from scipy import stats as scipy_stats
 from ppow_jax import tree
 from ppow_jax.errors import UserError
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
 
 def _log_softmax(x):
   x = x - x.max()
@@ -62,7 +60,14 @@ def _paths(t, b):
   return out
 
 
-class GrowTest(absltest.TestCase):
+class _RaiseOnRankPromotion(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
+
+class GrowTest(_RaiseOnRankPromotion):
 
   def test_matches_reference_eagle2(self):
     v = 12
@@ -120,7 +125,7 @@ def _ref_greedy(argmax):
     path.append(u)
 
 
-class GreedyAcceptTest(absltest.TestCase):
+class GreedyAcceptTest(_RaiseOnRankPromotion):
 
   def test_hand_built_tree(self):
     t = _hand_tree()
@@ -179,7 +184,7 @@ def _chi2_pvalue(t1, t2, p0, p1_VxV):
   return scipy_stats.chi2.sf(stat, keep.sum() - 1), self_check
 
 
-class RejectionAcceptTest(absltest.TestCase):
+class RejectionAcceptTest(_RaiseOnRankPromotion):
 
   def test_joint_of_first_two_tokens_is_the_target(self):
     n = 60000
