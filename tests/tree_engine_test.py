@@ -1,6 +1,7 @@
 """Tree decoding: one-call tree verification equals per-path forwards; T=0 equals AR."""
 
 import dataclasses
+import itertools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,6 +10,7 @@ from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats as scipy_stats
 
 from ppow_jax import drafters, engine, tree, tree_engine
 from ppow_jax.errors import UserError
@@ -124,6 +126,45 @@ class TreeGreedyEqualsAutoregressiveTest(parameterized.TestCase):
     with self.assertRaisesRegex(UserError, "sliding"):
       tree_engine.TreeEngine(cfg, drafters.LMDrafter(SMALL), engine.DecodeConfig(),
                              tree.TreeShape(4, 2, 2))
+
+
+class TreeLosslessSamplingTest(absltest.TestCase):
+  """At T > 0 tree decoding samples the target's distribution (joint of three tokens)."""
+
+  V = 6
+  CFG = llama.ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, max_position_embeddings=32,
+                          initializer_range=0.5)
+
+  def test_joint_distribution_of_three_tokens(self):
+    tp = llama.init_params(self.CFG, jax.random.PRNGKey(3))
+    dp = _noisy_copy(tp, 0.4, 4)  # a drafter that often disagrees
+    prompt, rows, reps = [1, 4, 2], 8192, 4
+    cfg = engine.DecodeConfig(temperature=1.0, max_new_tokens=3)
+    eng = tree_engine.TreeEngine(self.CFG, drafters.LMDrafter(self.CFG), cfg,
+                                 tree.TreeShape(4, 2, 2))
+    prompts, lens = engine.pad_prompts([prompt] * rows, multiple=1)
+    counts = np.zeros(self.V ** 3)
+    accepted = 0
+    for r in range(reps):
+      out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
+      toks = np.array(out.new_tokens())
+      np.add.at(counts, toks @ (self.V ** np.arange(2, -1, -1)), 1)
+      accepted += out.stats.summary()["accepted"]
+    self.assertGreater(accepted, 0.2 * rows * reps)
+    model = llama.Decoder(self.CFG)
+    seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
+    logp = np.asarray(jax.nn.log_softmax(model.apply({"params": tp}, jnp.asarray(seqs))),
+                      np.float64)
+    p = len(prompt)
+    exact = np.exp(sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3)))
+    expected = exact * rows * reps
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    self.assertGreater(scipy_stats.chi2.sf(chi2, len(obs) - 1), 1e-3,
+                       f"chi2={chi2:.1f} dof={len(obs) - 1}")
 
 
 if __name__ == "__main__":
