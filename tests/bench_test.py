@@ -28,7 +28,7 @@ class DecodeBenchTest(absltest.TestCase):
     tmp = self.create_tempdir().full_path
     out = os.path.join(tmp, "decode.json")
     with flagsaver.flagsaver(batch_sizes=["2"], window=2, max_new_tokens=6, prompt_len=4,
-                             repeats=1, gamma_calls=2, output_json=out,
+                             repeats=1, gamma_calls=2, output_json=out, tree="4,2,2",
                              save_pair=os.path.join(tmp, "pair"), **TINY):
       decode.run()
     with open(out) as f:
@@ -42,6 +42,8 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertTrue(r["greedy_identical"])  # T=0: speculative output equals AR
       self.assertGreaterEqual(r["tau"], 1.0)
       self.assertGreater(r["gamma"], 0.0)
+      self.assertTrue(r["tree"]["greedy_identical"])  # tree drafting: also equal to AR
+      self.assertLen(r["tree"]["alpha_by_depth"], 2)
     self.assertIn("load_avg_1_5_15", result["machine"])
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))

@@ -13,7 +13,8 @@ times inside one compiled loop on a prefilled cache of the engine's size (so, as
 engine, there is no host dispatch between calls). The verification cost curve times target
 calls on 1..K+1 new tokens the same way.
 
-The flags ``--target --drafter --window --max_new_tokens --seed --dtype --output_json`` are
+``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
+The flags ``--target --drafter --window --tree --max_new_tokens --seed --dtype --output_json`` are
 ``ppow_jax.generate``'s (this module reuses its drafter loader and so its flag definitions).
 """
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cli, engine, generate
+from ppow_jax import cli, engine, generate, tree, tree_engine
 from ppow_jax.bench import pairs
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
@@ -63,6 +64,7 @@ class BenchOptions:
   repeats: int = 3
   gamma_calls: int = 20
   seed: int = 0
+  tree: str = ""  # "TOTAL,DEPTH,TOPK": also time tree drafting ("": chain only)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -228,18 +230,23 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   engines = {"ar": engine.Engine(target_cfg, None, cfg),
              "spec": engine.Engine(target_cfg, drafter, cfg)}
   params = {"ar": None, "spec": draft_params}
+  if opts.tree:
+    engines["tree"] = tree_engine.TreeEngine(target_cfg, drafter, cfg,
+                                             tree.TreeShape.parse(opts.tree))
+    params["tree"] = draft_params
+  names = tuple(engines)
   prompts = _random_prompts(target_cfg.vocab_size, batch, opts.prompt_len, opts.seed + batch)
   lens = np.full((batch,), opts.prompt_len, np.int32)
   rng = jax.random.PRNGKey(opts.seed)
   run = lambda name: jax.block_until_ready(
       engines[name].generate(target_params, params[name], prompts, lens, rng))
-  compile_s, outs, secs = {}, {}, {"ar": [], "spec": []}
-  for name in ("ar", "spec"):
+  compile_s, outs, secs = {}, {}, {name: [] for name in names}
+  for name in names:
     t0 = time.perf_counter()
     outs[name] = run(name)
     compile_s[name] = time.perf_counter() - t0
   for r in range(opts.repeats):
-    for name in (("ar", "spec") if r % 2 == 0 else ("spec", "ar")):
+    for name in (names if r % 2 == 0 else names[::-1]):
       t0 = time.perf_counter()
       outs[name] = run(name)
       secs[name].append(time.perf_counter() - t0)
@@ -262,7 +269,15 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   ar_steps = int(np.max(np.asarray(outs["ar"].stats.verify_calls_B)))
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
-  return {
+  tree_result = {}
+  if opts.tree:
+    tstats = outs["tree"].stats.summary()
+    tree_result = {"tree": {
+        "shape": opts.tree, "tokens_per_s": tps["tree"], "seconds": secs["tree"],
+        "tau": tstats["tau"], "verify_calls": tstats["verify_calls"],
+        "alpha_by_depth": tstats["alpha"], "greedy_identical": new["ar"] == new["tree"],
+        "speedup_vs_ar": tps["tree"] / tps["ar"], "speedup_vs_chain": tps["tree"] / tps["spec"]}}
+  return {**tree_result,
       "batch": batch, "new_tokens": n_tokens,
       "ar_tokens_per_s": tps["ar"], "spec_tokens_per_s": tps["spec"],
       "ar_seconds": secs["ar"], "spec_seconds": secs["spec"], "compile_and_first_run_s": compile_s,
@@ -306,6 +321,8 @@ def run_benchmark(target_cfg, target_params, drafter: Drafter, draft_params,
   """Everything for all batch sizes; the load average is recorded before and after."""
   if opts.window < 1 or opts.repeats < 1 or opts.max_new_tokens < 2:
     raise UserError("need window >= 1, repeats >= 1, max_new_tokens >= 2")
+  if opts.tree:
+    tree.TreeShape.parse(opts.tree)
   result = {"pair": pair, "pair_description": description, "options": dataclasses.asdict(opts),
             "temperature": 0.0, "machine": machine_info(),
             "target": dataclasses.asdict(target_cfg), "drafter": type(drafter).__name__,
@@ -343,6 +360,11 @@ def format_table(result: dict) -> str:
                  f"{b['spec_round_in_engine_s'] * 1e3:.3f} ms vs isolated draft+verify "
                  f"{b['spec_round_isolated_s'] * 1e3:.3f} ms; speedup predicted by isolated "
                  f"calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
+    if "tree" in r:
+      t = r["tree"]
+      lines.append(f"  tree {t['shape']}: {t['tokens_per_s']:.1f} tok/s, τ {t['tau']:.2f}, "
+                   f"{t['speedup_vs_ar']:.2f}x AR, {t['speedup_vs_chain']:.2f}x chain, same "
+                   f"{t['greedy_identical']}")
   m = result["machine"]
   lines.append(f"pair: {result['pair']}; machine: {m['cpu']} ({m['cpu_count']} cores), load "
                f"{m['load_avg_1_5_15'][0]:.2f} -> {result['load_avg_end_1_5_15'][0]:.2f}")
@@ -382,7 +404,8 @@ def run(argv_unused=None) -> dict:
     raise UserError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
   opts = BenchOptions(batch_sizes=batch_sizes, window=FLAGS.window,
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
-                      repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed)
+                      repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
+                      tree=FLAGS.tree or "")
   result = run_benchmark(target_cfg, target_params, drafter, draft_params, opts, kind,
                          description)
   result["command"] = " ".join(["python -m ppow_jax.bench.decode"] + sys.argv[1:])
