@@ -78,11 +78,6 @@ def commit_path(cache: llama.KVCache, path_BxD: Array, num_B: Array,
                        v_BKxSxD=tuple(map(move, cache.v_BKxSxD)))
 
 
-def _gather_rows(x_BxTx_: Array, idx_B: Array) -> Array:
-  return jnp.take_along_axis(x_BxTx_, idx_B.reshape((-1, 1) + (1,) * (x_BxTx_.ndim - 2)),
-                             axis=1)[:, 0]
-
-
 def draft_tree_lm(drafter: LMDrafter, params, state, buffer_BxN: Array, n_B: Array,
                   shape: tree.TreeShape):
   """Grow a tree with an independent LM drafter (its cache must hold slots < n - depth - 2)."""
@@ -92,8 +87,8 @@ def draft_tree_lm(drafter: LMDrafter, params, state, buffer_BxN: Array, n_B: Arr
   block_BxW = jnp.take_along_axis(buffer_BxN, start_B[:, None] + jnp.arange(w)[None], axis=1)
   out = model.apply({"params": params}, block_BxW, cache=state.cache.replace(lengths_B=start_B),
                     method=llama.Decoder.forward)
-  root_logits_BxV = _gather_rows(out.logits_BxTxV, n_B - 1 - start_B)
-  root_B = _gather_rows(buffer_BxN[:, :, None], n_B - 1)[:, 0]
+  root_logits_BxV = engine._gather_rows(out.logits_BxTxV, n_B - 1 - start_B)
+  root_B = engine._gather_rows(buffer_BxN[:, :, None], n_B - 1)[:, 0]
   k = shape.top_k
 
   def step_fn(cache, tokens_BxK, parent_BxK, step, fed_BxKxF):
@@ -128,7 +123,7 @@ def draft_tree_eagle3(drafter: Eagle3FeatureDrafter, params, target_params, stat
         method=eagle3.Eagle3Drafter.step)
     return (cache, h_BxKxE.astype(jnp.float32)), drafter._target_logits(params, logits_BxKxVd)
 
-  root_B = _gather_rows(buffer_BxN[:, :, None], n_B - 1)[:, 0]
+  root_B = engine._gather_rows(buffer_BxN[:, :, None], n_B - 1)[:, 0]
   t, (cache, _) = tree.grow(root_B, state.logits_BxV, step_fn,
                             (state.cache, state.hidden_BxE[:, None]), shape)
   # the tree entries are provisional: sync overwrites them with the accepted path's features
