@@ -3,6 +3,9 @@ r"""Speculative (or autoregressive) generation from the command line.
   python -m ppow_jax.generate --target=/path/to/hf_target --drafter=/path/to/drafter \
       --prompt="def fib(n):" --max_new_tokens=64 --window=4 --temperature=0 --output_json=o.json
 
+``--tree=TOTAL,DEPTH,TOPK`` drafts an EAGLE-2 tree per round instead of a chain of ``--window``
+tokens (e.g. ``--tree=60,7,10``); absent: chain drafting.
+
 ``--drafter`` is a Hugging Face directory of a small LM with the target's tokenizer, an
 EAGLE-3 directory (``architectures: ["LlamaForCausalLMEagle3"]``), a drafter exported by
 ``ppow_jax.main``, or ``none`` for plain autoregressive decoding. The whole generation is one
@@ -17,7 +20,7 @@ import time
 from absl import app, flags
 import jax
 
-from ppow_jax import cli, drafters, engine
+from ppow_jax import cli, drafters, engine, tree, tree_engine
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf_convert, hf, llama
 
@@ -32,6 +35,7 @@ flags.DEFINE_integer("max_new_tokens", 64, "New tokens per row.")
 flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: lossless speculative sampling.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus filtering on target and drafter distributions.")
 flags.DEFINE_integer("window", 4, "K: draft tokens per verification.")
+flags.DEFINE_string("tree", None, "TOTAL,DEPTH,TOPK: EAGLE-2 tree drafting (absent: chain).")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_list("eos_ids", None, "Stop tokens (default: the target's eos_token_id(s); "
                   "'none': never stop early).")
@@ -64,6 +68,9 @@ def _prompt_ids(target_dir: str) -> list[int]:
 def run(argv_unused=None) -> dict:
   if not FLAGS.target:
     raise UserError("--target is required")
+  shape = tree.TreeShape.parse(FLAGS.tree) if FLAGS.tree else None
+  if shape is not None and FLAGS.drafter.lower() == "none":
+    raise UserError("--tree needs a --drafter")
   FLAGS.target = gguf_convert.resolve(FLAGS.target)  # a GGUF target: its converted HF dir
   target, target_params = hf.load(FLAGS.target, dtype=FLAGS.dtype)
   tcfg = target.cfg
@@ -86,7 +93,10 @@ def run(argv_unused=None) -> dict:
     drafter, draft_params = None, None
   else:
     drafter, draft_params = load_drafter(FLAGS.drafter, tcfg, FLAGS.dtype)
-  eng = engine.Engine(tcfg, drafter, dcfg)
+  if shape is not None:
+    eng = tree_engine.TreeEngine(tcfg, drafter, dcfg, shape)
+  else:
+    eng = engine.Engine(tcfg, drafter, dcfg)
   prompts, lens = engine.pad_prompts([ids] * FLAGS.batch)
   rng = jax.random.PRNGKey(FLAGS.seed)
   t0 = time.perf_counter()
@@ -99,6 +109,7 @@ def run(argv_unused=None) -> dict:
   result = {"tokens": new[0] if FLAGS.batch == 1 else new, **out.stats.summary(),
             "tokens_per_s": sum(map(len, new)) / elapsed, "seconds": elapsed,
             "compile_and_first_run_s": compile_s, "window": FLAGS.window,
+            "drafting": "tree" if shape else "chain", "tree": FLAGS.tree,
             "temperature": FLAGS.temperature, "drafter": FLAGS.drafter}
   try:
     result["text"] = hf.load_tokenizer(FLAGS.target).decode(new[0])

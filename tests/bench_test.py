@@ -29,7 +29,7 @@ class DecodeBenchTest(absltest.TestCase):
     self.addCleanup(shutil.rmtree, tmp)
     out = os.path.join(tmp, "decode.json")
     opts = decode.BenchOptions(batch_sizes=(2,), window=2, max_new_tokens=6, prompt_len=4,
-                               repeats=1, gamma_calls=2)
+                               repeats=1, gamma_calls=2, tree="4,2,2")
     decode.benchmark("synthetic", opts, spec=TINY, save_pair=os.path.join(tmp, "pair"),
                      output_json=out)
     with open(out) as f:
@@ -43,6 +43,8 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertTrue(r["greedy_identical"])  # T=0: speculative output equals AR
       self.assertGreaterEqual(r["tau"], 1.0)
       self.assertGreater(r["gamma"], 0.0)
+      self.assertTrue(r["tree"]["greedy_identical"])  # tree drafting: also equal to AR
+      self.assertLen(r["tree"]["alpha_by_depth"], 2)
     self.assertIn("load_average", result["machine"])
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))

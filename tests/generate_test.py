@@ -121,6 +121,29 @@ class AssistedGenerationParityTest(absltest.TestCase):
     self.assertEqual(bad.returncode, 2)
     self.assertIn("/no/such/drafter", bad.stderr)
 
+  def test_cli_tree_drafting_matches_greedy_target(self):
+    out_json = os.path.join(self.tmp.name, "tree.json")
+    cmd = [sys.executable, "-m", "ppow_jax.generate",
+           f"--target={os.path.join(self.tmp.name, 'target')}",
+           f"--drafter={os.path.join(self.tmp.name, 'drafter')}",
+           f"--prompt_ids={','.join(map(str, PROMPT))}", f"--max_new_tokens={MAX_NEW}",
+           "--tree=6,3,2", "--temperature=0", f"--output_json={out_json}"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT, timeout=600)
+    with open(out_json) as f:
+      result = json.load(f)
+    with torch.no_grad():
+      ref = self.hf_target.generate(torch.tensor([PROMPT]), do_sample=False,
+                                    max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                    pad_token_id=0)
+    self.assertEqual(result["tokens"], ref[0, len(PROMPT):].tolist())
+    self.assertEqual(result["drafting"], "tree")
+    self.assertLen(result["alpha"], 3)  # by depth
+    bad = subprocess.run(cmd[:-3] + ["--tree=6,3"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)
+    self.assertEqual(bad.returncode, 2)
+    self.assertIn("--tree expects TOTAL,DEPTH,TOPK", bad.stderr)
+
   def test_load_drafter_errors(self):
     model, _ = hf.load(os.path.join(self.tmp.name, "target"))
     with self.assertRaisesRegex(UserError, "is not a directory"):

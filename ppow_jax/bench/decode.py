@@ -11,6 +11,7 @@ include the prompt pass. The measured speedup is set against two ideals (docs/pr
 ``τ/(1+Kγ)`` and ``cost_curve_ideal``, which prices a round at its measured calls. γ and the
 verification cost curve are measured by ``ppow_jax/gamma.py`` (each call jitted on its own,
 looped inside one compiled program).
+``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from ppow_jax import cli, drafters, engine, timing
+from ppow_jax import cli, drafters, engine, timing, tree, tree_engine
 from ppow_jax.bench import pairs
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
@@ -38,6 +39,7 @@ def define_flags() -> None:
   flags.DEFINE_string("target", None, "Target: a Hugging Face model directory (--pair=hf).")
   flags.DEFINE_string("drafter", "none", "Drafter directory (HF LM or EAGLE-3) (--pair=hf).")
   flags.DEFINE_integer("window", 5, "K: draft tokens per verification.")
+  flags.DEFINE_string("tree", None, "TOTAL,DEPTH,TOPK: also time EAGLE-2 tree drafting.")
   flags.DEFINE_integer("max_new_tokens", 128, "New tokens per row.")
   flags.DEFINE_integer("seed", 0, "PRNG seed (prompts, synthetic weights, sampling).")
   flags.DEFINE_string("dtype", "float32", "Compute dtype of --pair=hf models.")
@@ -67,6 +69,7 @@ class BenchOptions:
   repeats: int = 3
   gamma_calls: int = 20
   seed: int = 0
+  tree: str = ""  # "TOTAL,DEPTH,TOPK": also time tree drafting ("": chain only)
 
 
 # ----------------------------------------------------------------------------- engine runs
@@ -93,12 +96,16 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   engines = {"ar": engine.Engine(target_cfg, None, cfg),
              "spec": engine.Engine(target_cfg, drafter, cfg)}
   params = {"ar": None, "spec": draft_params}
+  if opts.tree:
+    engines["tree"] = tree_engine.TreeEngine(target_cfg, drafter, cfg,
+                                             tree.TreeShape.parse(opts.tree))
+    params["tree"] = draft_params
   prompts = random_prompts(target_cfg.vocab_size, batch, opts.prompt_len, opts.seed + batch)
   lens = np.full((batch,), opts.prompt_len, np.int32)
   rng = jax.random.PRNGKey(opts.seed)
   timed = timing.interleaved(
       {name: (lambda name=name: engines[name].generate(target_params, params[name], prompts,
-                                                      lens, rng)) for name in ("ar", "spec")},
+                                                      lens, rng)) for name in engines},
       opts.repeats, alternate=True)
   compile_s, outs, secs = timed.first_seconds, timed.last or timed.first, timed.seconds
   new = {name: out.new_tokens() for name, out in outs.items()}
@@ -122,7 +129,15 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   ar_steps = int(np.max(np.asarray(outs["ar"].stats.verify_calls_B)))
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
-  return {
+  tree_result = {}
+  if opts.tree:
+    tstats = outs["tree"].stats.summary()
+    tree_result = {"tree": {
+        "shape": opts.tree, "tokens_per_s": tps["tree"], "seconds": secs["tree"],
+        "tau": tstats["tau"], "verify_calls": tstats["verify_calls"],
+        "alpha_by_depth": tstats["alpha"], "greedy_identical": new["ar"] == new["tree"],
+        "speedup_vs_ar": tps["tree"] / tps["ar"], "speedup_vs_chain": tps["tree"] / tps["spec"]}}
+  return {**tree_result,
       "batch": batch, "new_tokens": n_tokens,
       "ar_tokens_per_s": tps["ar"], "spec_tokens_per_s": tps["spec"],
       "ar_seconds": secs["ar"], "spec_seconds": secs["spec"], "compile_and_first_run_s": compile_s,
@@ -154,6 +169,8 @@ def run_benchmark(target_cfg, target_params, drafter: Drafter, draft_params,
   """Everything for all batch sizes; the load average is recorded before and after."""
   if opts.window < 1 or opts.repeats < 1 or opts.max_new_tokens < 2:
     raise UserError("need window >= 1, repeats >= 1, max_new_tokens >= 2")
+  if opts.tree:
+    tree.TreeShape.parse(opts.tree)
   result = {"pair": pair, "pair_description": description, "options": dataclasses.asdict(opts),
             "temperature": 0.0, "machine": timing.machine_info(),
             "target": dataclasses.asdict(target_cfg), "drafter": type(drafter).__name__,
@@ -192,6 +209,11 @@ def format_table(result: dict) -> str:
                  f"{b['spec_round_in_engine_s'] * 1e3:.3f} ms vs isolated draft+verify "
                  f"{b['spec_round_isolated_s'] * 1e3:.3f} ms; speedup predicted by isolated "
                  f"calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
+    if "tree" in r:
+      t = r["tree"]
+      lines.append(f"  tree {t['shape']}: {t['tokens_per_s']:.1f} tok/s, τ {t['tau']:.2f}, "
+                   f"{t['speedup_vs_ar']:.2f}x AR, {t['speedup_vs_chain']:.2f}x chain, same "
+                   f"{t['greedy_identical']}")
   m = result["machine"]
   lines.append(f"pair: {result['pair']}; machine: {m['cpu']} ({m['cpu_count']} cores), load "
                f"{m['load_average'][0]:.2f} -> {result['load_avg_end_1_5_15'][0]:.2f}")
@@ -239,7 +261,8 @@ def run(argv) -> dict:
     raise UserError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
   opts = BenchOptions(batch_sizes=batch_sizes, window=FLAGS.window,
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
-                      repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed)
+                      repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
+                      tree=FLAGS.tree or "")
   spec = pairs.SyntheticSpec(
       num_layers=FLAGS.synthetic_layers, hidden_size=FLAGS.synthetic_hidden,
       intermediate_size=FLAGS.synthetic_intermediate, vocab_size=FLAGS.synthetic_vocab,

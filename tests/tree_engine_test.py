@@ -1,0 +1,171 @@
+"""Tree decoding: one-call tree verification equals per-path forwards; T=0 equals AR."""
+
+import dataclasses
+import itertools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats as scipy_stats
+
+from ppow_jax import drafters, engine, tree, tree_engine
+from ppow_jax.errors import UserError
+from ppow_jax.models import eagle3, llama
+
+TARGET = llama.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                           num_heads=4, num_kv_heads=2, max_position_embeddings=160,
+                           initializer_range=0.3)
+SMALL = llama.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, max_position_embeddings=160)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [3]]
+MAX_NEW = 14
+
+
+def _noisy_copy(params, scale, seed):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _tree_of(parents, tokens_BxN1, top_k):
+  b = len(tokens_BxN1)
+  parent = jnp.asarray([parents] * b, jnp.int32)
+  depth = np.zeros(len(parents), np.int32)
+  for i, p in enumerate(parents[1:], 1):
+    depth[i] = depth[p] + 1
+  return tree.Tree(jnp.asarray(tokens_BxN1, jnp.int32), parent, jnp.asarray([depth] * b),
+                   tree.ancestor_mask(parent, int(depth.max())),
+                   tree.children_table(parent, top_k))
+
+
+class VerifyTreeTest(absltest.TestCase):
+
+  def test_node_logits_equal_full_forward_of_its_path(self):
+    tp = llama.init_params(TARGET, jax.random.PRNGKey(0))
+    model = llama.Decoder(TARGET)
+    prompts, lens = engine.pad_prompts([[4, 5, 6, 7, 8, 9], [11, 12, 13]], multiple=8)
+    _, cache, _ = engine._prefill(model, tp, jnp.asarray(prompts), jnp.asarray(lens), 32, ())
+    parents = [-1, 0, 0, 1, 1, 2, 4, 6]
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 64, size=(2, len(parents)))
+    toks[:, 0] = [p[n - 1] for p, n in zip(prompts, lens)]  # the root is the pending token
+    t = _tree_of(parents, toks, 2)
+    out = tree_engine.verify_tree(model, tp, cache, t, jnp.asarray(lens))
+    for b in range(2):
+      for i in range(len(parents)):
+        path, u = [], i
+        while u > 0:
+          path.append(int(toks[b, u]))
+          u = parents[u]
+        seq = list(prompts[b][:lens[b]]) + path[::-1]
+        ref = model.apply({"params": tp}, jnp.asarray([seq]))[0, -1]
+        np.testing.assert_allclose(out.logits_BxTxV[b, i], ref, rtol=2e-4,
+                                   atol=2e-4 * float(jnp.abs(ref).max()))
+
+  def test_commit_path_moves_entries(self):
+    self.enterContext(jax.numpy_rank_promotion("raise"))  # (the models themselves promote)
+    cfg = llama.ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_layers=1,
+                            num_heads=1, num_kv_heads=1)
+    cache = llama.init_cache(cfg, 2, 12)
+    vals = jnp.arange(2 * 12, dtype=jnp.float32).reshape(2, 12, 1) * jnp.ones((1, 1, 4))
+    cache = cache.replace(k_BKxSxD=(vals,), v_BKxSxD=(-vals,))
+    path = jnp.asarray([[2, 5, 0], [3, 0, 0]])
+    out = tree_engine.commit_path(cache, path, jnp.asarray([2, 1]), jnp.asarray([3, 1]))
+    k = np.asarray(out.k_BKxSxD[0][:, :, 0])
+    np.testing.assert_array_equal(k[0, :6], [0, 1, 2, 3, 5, 8])
+    np.testing.assert_array_equal(k[1, :4], [12, 13, 16, 15])
+    np.testing.assert_array_equal(np.asarray(out.v_BKxSxD[0][:, :, 0]), -k)
+
+
+class TreeGreedyEqualsAutoregressiveTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tp = llama.init_params(TARGET, jax.random.PRNGKey(0))
+    cls.prompts, cls.lens = engine.pad_prompts(PROMPTS)
+    cfg = engine.DecodeConfig(max_new_tokens=MAX_NEW)
+    ar = engine.Engine(TARGET, None, cfg).generate(cls.tp, None, cls.prompts, cls.lens,
+                                                    jax.random.PRNGKey(0))
+    cls.ar_tokens = ar.new_tokens()
+
+  @parameterized.parameters(("lm_noisy", (10, 4, 3)), ("lm_random", (6, 3, 2)),
+                            ("eagle3", (8, 3, 3)))
+  def test_tree_equals_autoregressive(self, kind, shape):
+    if kind == "lm_random":
+      drafter = drafters.LMDrafter(SMALL)
+      dparams = llama.init_params(SMALL, jax.random.PRNGKey(1))
+    elif kind == "lm_noisy":
+      drafter = drafters.LMDrafter(TARGET)
+      dparams = _noisy_copy(self.tp, 0.005, 1)
+    else:
+      ecfg = eagle3.Eagle3Config.from_target(TARGET, draft_vocab_size=48)
+      drafter = drafters.Eagle3FeatureDrafter.create(ecfg, TARGET)
+      counts = np.arange(TARGET.vocab_size)[::-1].astype(np.float64)
+      dparams = {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
+                 "vocab": eagle3.build_draft_vocab(counts, 48)}
+    shape = tree.TreeShape(*shape)
+    cfg = engine.DecodeConfig(max_new_tokens=MAX_NEW)
+    out = tree_engine.TreeEngine(TARGET, drafter, cfg, shape).generate(
+        self.tp, dparams, self.prompts, self.lens, jax.random.PRNGKey(0))
+    self.assertEqual(out.new_tokens(), self.ar_tokens)
+    s = out.stats.summary()
+    self.assertEqual(s["committed"], len(PROMPTS) * MAX_NEW)
+    self.assertGreaterEqual(s["tau"], 1.0)
+    self.assertLessEqual(s["tau"], shape.depth + 1)
+    if kind == "lm_noisy":  # a near-copy of the target is accepted deep into the tree
+      self.assertGreater(s["tau"], 2.0)
+
+  def test_refuses_sliding_window(self):
+    cfg = dataclasses.replace(TARGET, sliding_window=8)
+    with self.assertRaisesRegex(UserError, "sliding"):
+      tree_engine.TreeEngine(cfg, drafters.LMDrafter(SMALL), engine.DecodeConfig(),
+                             tree.TreeShape(4, 2, 2))
+
+
+class TreeLosslessSamplingTest(absltest.TestCase):
+  """At T > 0 tree decoding samples the target's distribution (joint of three tokens)."""
+
+  V = 6
+  CFG = llama.ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, max_position_embeddings=32,
+                          initializer_range=0.5)
+
+  def test_joint_distribution_of_three_tokens(self):
+    tp = llama.init_params(self.CFG, jax.random.PRNGKey(3))
+    dp = _noisy_copy(tp, 0.4, 4)  # a drafter that often disagrees
+    prompt, rows, reps = [1, 4, 2], 8192, 4
+    cfg = engine.DecodeConfig(temperature=1.0, max_new_tokens=3)
+    eng = tree_engine.TreeEngine(self.CFG, drafters.LMDrafter(self.CFG), cfg,
+                                 tree.TreeShape(4, 2, 2))
+    prompts, lens = engine.pad_prompts([prompt] * rows, multiple=1)
+    counts = np.zeros(self.V ** 3)
+    accepted = 0
+    for r in range(reps):
+      out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
+      toks = np.array(out.new_tokens())
+      np.add.at(counts, toks @ (self.V ** np.arange(2, -1, -1)), 1)
+      accepted += out.stats.summary()["accepted"]
+    self.assertGreater(accepted, 0.2 * rows * reps)
+    model = llama.Decoder(self.CFG)
+    seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
+    logp = np.asarray(jax.nn.log_softmax(model.apply({"params": tp}, jnp.asarray(seqs))),
+                      np.float64)
+    p = len(prompt)
+    exact = np.exp(sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3)))
+    expected = exact * rows * reps
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    self.assertGreater(scipy_stats.chi2.sf(chi2, len(obs) - 1), 1e-3,
+                       f"chi2={chi2:.1f} dof={len(obs) - 1}")
+
+
+if __name__ == "__main__":
+  absltest.main()
