@@ -214,6 +214,11 @@ class CommandLineErrorsTest(absltest.TestCase):
         f.write("x")
       self._assert_one_line(_main("--config=configs/default.py:smoke", f"--workdir={w}"),
                             r"--workdir .*/file: exists and is not a directory")
+      w = os.path.join(d, "w")
+      self._assert_one_line(_main("--config=configs/default.py:smoke", f"--workdir={w}",
+                                  "--config.mesh.num_devices=4096"),
+                            r"config\.mesh\.num_devices=4096: only \d+ devices are available")
+      self.assertFalse(os.path.exists(w))
 
 
 if __name__ == "__main__":
