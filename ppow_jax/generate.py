@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from ppow_jax import cli, drafters, engine, tree, tree_engine
@@ -124,4 +124,4 @@ def run(argv_unused=None) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(cli.main_for(run))
+  cli.run_main(run)

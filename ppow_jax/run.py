@@ -46,7 +46,7 @@ def run(c, workdir: str, retrain: tuple[str, ...] = ()) -> str:
   if bad:
     raise UserError(f"--retrain: unknown stage {bad[0]!r}; expected some of "
                     f"{stages.NAMES[:-1]}")
-  devices = _devices(c)
+  par = parallel.Parallel.from_config(c, _devices(c))  # a mesh that does not fit fails here
   paths = layout.Layout(workdir)
   primary = sharding.is_primary()
   if primary:
@@ -59,17 +59,17 @@ def run(c, workdir: str, retrain: tuple[str, ...] = ()) -> str:
     paths.check_settings(c, tuple(n for n in stages.NAMES[:-1] if n not in retrain))
     if primary:
       paths.append_history(c)
-    return _run(c, paths, devices)
+    return _run(c, paths, par)
 
 
-def _run(c, paths: layout.Layout, devices: list) -> str:
+def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
   chosen = stages.chosen(c)
-  logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), devices)
+  logging.info("process %d/%d, mesh: %s", jax.process_index(), jax.process_count(),
+               dict(par.mesh.shape))
   print(f"[data] {c.data.corpus or c.data.conversations or c.data.tfds_name}", flush=True)
   data = datasets.load(c, paths)
   print(f"[data] {data.description}: {len(data.train)} train / {len(data.heldout)} held-out "
         f"documents; vocab {data.tokenizer.vocab_size}", flush=True)
-  par = parallel.Parallel.from_config(c, devices)
   target_cfg, target_params, target_info = pretrain.get_target(c, paths, data,
                                                                "target" in chosen, par)
   target_params = par.place_target(target_cfg, target_params)
