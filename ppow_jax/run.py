@@ -46,8 +46,8 @@ def run(c, workdir: str) -> str:
   target_cfg, target_params, target_info = pretrain.get_target(c, workdir, data,
                                                                "target" in stages, par)
   target_params = par.place_target(target_cfg, target_params)
-  data = datasets.regenerate(c, data, target_cfg, target_params)
-  drafter, init = drafter_stages.build_drafter(c, target_cfg, data)
+  data = datasets.regenerate(c, data, target_cfg, target_params, workdir=workdir)
+  drafter, init = drafter_stages.build_drafter(c, target_cfg, data, target_params)
   training = {}
   drafter_names = []
 
