@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.drafter.dtype = "float32"  # compute dtype
   c.drafter.param_dtype = "float32"  # master weights
   c.drafter.norm_before_fc = True  # eagle3: RMSNorm the fused target features before fc
-  c.drafter.head_from_target = True  # eagle3: lm_head/norm start as the target's (kept rows)
+  c.drafter.head_from_target = False  # eagle3: lm_head/norm start as the target's (kept rows)
 
   # --- Token-level baseline (EAGLE-3 training-time test) ---
   c.baseline = ml_collections.ConfigDict()
