@@ -49,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 128  # tokens per packed training sequence
   c.data.regenerate = False  # regenerate assistant turns with the target before training
   c.data.regenerate_max_new_tokens = 256  # cap per regenerated turn
+  c.data.regenerate_batch_size = 16  # prompts answered per batched greedy call
+  c.data.instructions = ""  # "stdlib" | a prompts JSONL: requests the target answers (self-distilled)
+  c.data.num_instructions = 800  # training instructions drawn (train modules/lines only)
+  c.data.heldout_instructions = 32  # held-out instructions (evaluation prompts when no file)
+  c.data.cache_dir = ""  # regenerated answers and target features ("" = <workdir>/cache)
 
   # --- Target (frozen during drafter training) ---
   c.target = ml_collections.ConfigDict()
@@ -79,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.drafter.num_layers = 1  # kind="lm" without a preset: depth
   c.drafter.dtype = "float32"  # compute dtype
   c.drafter.param_dtype = "float32"  # master weights
+  c.drafter.norm_before_fc = True  # eagle3: RMSNorm the fused target features before fc
+  c.drafter.head_from_target = False  # eagle3: lm_head/norm start as the target's (kept rows)
 
   # --- Token-level baseline (EAGLE-3 training-time test) ---
   c.baseline = ml_collections.ConfigDict()
@@ -87,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline.divergence = "forward_kl"  # forward_kl | reverse_kl | jsd | tv | neg_log_alpha
   c.baseline.ttt_steps = 3  # unrolled steps S (EAGLE-3 uses 7; 3 keeps the CPU demo short)
   c.baseline.step_decay = 0.8  # weight of step i is decay**i
+  c.baseline.feature_cache = True  # eagle3: target features computed once, reused every epoch
+  c.baseline.feature_rows = 0  # rows with cached features (0 = steps * batch, at most an epoch)
+  c.baseline.feature_dtype = "float16"  # storage dtype of cached features
+  c.baseline.support_only = False  # renormalise the target on the draft vocab (EAGLE-3's loss)
   c.baseline.optim = optim(3e-3, 20, 150)
 
   # --- PPOW (starts from the baseline drafter) ---

@@ -1,7 +1,8 @@
 """The data stage of a run: sources, tokenizer and iterators, from ``config.data``.
 
-Sources, in order of precedence: a prepared TFDS dataset by name, a JSONL conversations
-file, or a text corpus ("stdlib" = this Python's own standard library sources, read at run
+Sources, in order of precedence: synthesized instructions to be answered by the target
+(``data.instructions``, self-distillation), a prepared TFDS dataset by name, a JSONL
+conversations file, or a text corpus ("stdlib" = this Python's own standard library sources, read at run
 time; nothing is copied into the repository). The tokenizer is the configured one, else the
 HF target's, else a byte-level BPE trained here on the train split and cached in the workdir.
 """
@@ -9,15 +10,18 @@ HF target's, else a byte-level BPE trained here on the train split and cached in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import sysconfig
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
+import numpy as np
 
-from ppow_jax import layout, sharding
-from ppow_jax.data import builders, pipeline, prompts
+from ppow_jax import cli, layout, sharding
+from ppow_jax.data import builders, instructions, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf_convert
@@ -38,8 +42,24 @@ def _corpus_source(c) -> str:
   return c.data.corpus
 
 
+def _instruction_sources(c) -> tuple[dict, str, str]:
+  """User turns with empty answers; ``regenerate`` has the target answer them."""
+  d = c.data
+  if d.instructions == "stdlib":
+    items = instructions.from_python_sources(sysconfig.get_paths()["stdlib"], tuple(d.exclude))
+  else:
+    items = instructions.from_jsonl(d.instructions, d.skip_bad_lines)
+  train, heldout = instructions.select(items, d.num_instructions, d.heldout_fraction, c.seed,
+                                       d.heldout_instructions)
+  return ({"train": instructions.as_conversations(train),
+           "heldout": instructions.as_conversations(heldout)}, "conversations",
+          f"{len(train)} instructions from {d.instructions}")
+
+
 def _sources(c, paths: layout.Layout) -> tuple[dict, str, str]:
   data_dir = paths.tfds
+  if c.data.instructions:
+    return _instruction_sources(c)
   if c.data.tfds_name:
     builder = builders.load_prepared(c.data.tfds_name, c.data.tfds_data_dir or data_dir)
     splits = dict(builder.as_data_source())
@@ -60,9 +80,16 @@ def _sources(c, paths: layout.Layout) -> tuple[dict, str, str]:
   return builders.prepare(builder), "text", f"corpus {source} ({c.data.include})"
 
 
+def _turns(example: Any) -> list[prompts.Turn]:
+  """Turns of a TFDS conversation example, or of a turn list (synthesized / regenerated)."""
+  if isinstance(example, (list, tuple)):
+    return [(str(r), str(t)) for r, t in example]
+  return builders.example_turns(example)
+
+
 def document_text(example: Any, kind: str) -> str:
   if kind == "conversations":
-    return "\n".join(content for _, content in builders.example_turns(example))
+    return "\n".join(content for _, content in _turns(example))
   value = example["text"] if isinstance(example, dict) else example
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -117,6 +144,12 @@ def eval_prompts(c, data: Data) -> list[list[int]]:
       ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids
       out.append(list(prompts.truncate_prompt([int(i) for i in ids], max_len,
                                               c.eval.prompt_policy)))
+  elif data.kind == "conversations" and len(data.heldout):
+    for i in range(min(n, len(data.heldout))):  # held-out chats: the prompt before the answer
+      turns = [t for t in _turns(data.heldout[i]) if t[0] != "assistant"]
+      ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids
+      out.append(list(prompts.truncate_prompt([int(i) for i in ids], max_len,
+                                              c.eval.prompt_policy)))
   else:
     if not len(data.heldout):
       raise UserError(f"{data.description}: no held-out split for evaluation prompts; set "
@@ -136,31 +169,68 @@ def eval_prompts(c, data: Data) -> list[list[int]]:
   return out
 
 
-def regenerate(c, data: Data, target_cfg, target_params, batch_size: int = 8) -> Data:
+def _regenerated_path(c, cache_dir: str, conversations: list, tokenizer, target_params) -> str:
+  """Cache file named by everything that shapes the answers: the conversations, the target's
+  weights (a strided sample of every tensor), the tokenizer and the decoding settings."""
+  h = hashlib.sha256(json.dumps({"conversations": conversations,
+                                 "max_new_tokens": c.data.regenerate_max_new_tokens,
+                                 "vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id},
+                                sort_keys=True).encode())
+  for leaf in jax.tree_util.tree_leaves(target_params):
+    h.update(np.ascontiguousarray(np.asarray(leaf).ravel()[::997]).tobytes())
+  return os.path.join(cache_dir, f"regenerated-{h.hexdigest()[:16]}.jsonl")
+
+
+def cache_dir(c, paths: layout.Layout) -> str:
+  """Where derived data (regenerated answers, target features) is kept between runs."""
+  return c.data.cache_dir or paths.cache
+
+
+def regenerate(c, data: Data, target_cfg, target_params, batch_size: int = 0,
+               paths: Optional[layout.Layout] = None) -> Data:
   """Replace the assistant turns of the training conversations with the target's own answers.
 
-  Greedy, batched, with the engine's AR path; done once per run (not cached). Drafters
-  trained on the target's own outputs accept more (the EAGLE maintainers' first remedy).
+  Greedy, batched, with the engine's AR path. Drafters trained on the target's own outputs
+  accept more (the EAGLE maintainers' first remedy). With ``paths`` the result is cached
+  in ``cache_dir`` under a key of everything that shaped it, so reruns reuse it.
   """
-  if not c.data.regenerate:
+  if not (c.data.regenerate or c.data.instructions):
     return data
   if data.kind != "conversations":
     raise UserError("config.data.regenerate needs conversation data (config.data.conversations "
                     "or a conversations TFDS dataset), not a text corpus")
+  batch_size = batch_size or c.data.regenerate_batch_size
+  conversations = [_turns(data.train[i]) for i in range(len(data.train))]
+  path = ""
+  if paths is not None:
+    path = _regenerated_path(c, cache_dir(c, paths), conversations, data.tokenizer,
+                             target_params)
+    if os.path.isfile(path):
+      with open(path) as f:
+        new = [[tuple(t) for t in json.loads(line)["turns"]] for line in f]
+      logging.info("reusing %d regenerated conversations from %s", len(new), path)
+      return dataclasses.replace(data, train=new,
+                                 description=data.description + " (answered by the target)")
   from ppow_jax import engine  # deferred: the data stage does not otherwise need JAX models
   eos = (data.tokenizer.eos_id,) if data.tokenizer.eos_id is not None else ()
   eng = engine.Engine(target_cfg, None, engine.DecodeConfig(
       max_new_tokens=c.data.regenerate_max_new_tokens, eos_ids=eos))
   rng = jax.random.PRNGKey(c.seed)
+  done = [0]
 
   def generate_fn(prompt_ids: list[list[int]]) -> list[list[int]]:
     rows = len(prompt_ids)
     padded, lens = engine.pad_prompts(prompt_ids + [prompt_ids[-1]] * (batch_size - rows),
-                                      multiple=128)
-    return eng.generate(target_params, None, padded, lens, rng).new_tokens()[:rows]
+                                      multiple=64)
+    out = eng.generate(target_params, None, padded, lens, rng).new_tokens()[:rows]
+    done[0] += rows
+    print(f"[data] answered {done[0]}/{len(conversations)}", flush=True)
+    return out
 
-  conversations = [builders.example_turns(data.train[i]) for i in range(len(data.train))]
   logging.info("regenerating the assistant turns of %d conversations", len(conversations))
   new = pipeline.regenerate_responses(conversations, generate_fn, data.tokenizer, batch_size)
+  if path and sharding.is_primary():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cli.write_text(path, "".join(json.dumps({"turns": t}) + "\n" for t in new))
   return dataclasses.replace(data, train=new,
-                             description=data.description + " (regenerated by the target)")
+                             description=data.description + " (answered by the target)")

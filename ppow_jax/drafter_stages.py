@@ -16,24 +16,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import (cli, datasets, drafters, engine, layout, parallel, settings, sharding,
-                      stages, train_step, trainer)
+from ppow_jax import (cli, datasets, drafters, engine, feature_cache, feature_training, layout,
+                      parallel, settings, sharding, stages, train_step, trainer)
+from ppow_jax.data import pipeline
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.metric_writer import MetricWriter
-from ppow_jax.models import eagle3, hf, llama
+from ppow_jax.models import eagle3, eagle3_io, hf, llama
 
 
-def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
+def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data, target_params=None):
   """(drafter, initial params) from ``config.drafter``: loaded from ``init_from``, or the
-  architecture of ``settings.drafter_arch`` (the one the memory plan sizes) at random."""
+  architecture of ``settings.drafter_arch`` (the one the memory plan sizes) at random
+  (``head_from_target`` needs ``target_params``)."""
   d = c.drafter
   if d.init_from:
     drafters.check_drafter_dir(d.init_from, "config.drafter.init_from")
   if d.kind == "eagle3":
     if d.init_from:
-      ecfg, net, vocab = eagle3.load_eagle3(d.init_from, param_dtype=d.param_dtype,
-                                            dtype=d.dtype)
+      ecfg, net, vocab = eagle3_io.load_eagle3(d.init_from, param_dtype=d.param_dtype,
+                                               dtype=d.dtype)
       if ecfg.vocab_size != target_cfg.vocab_size:
         raise UserError(f"config.drafter.init_from {d.init_from}: vocab_size "
                         f"{ecfg.vocab_size} != target's {target_cfg.vocab_size}")
@@ -44,6 +46,10 @@ def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
     vocab = (eagle3.identity_draft_vocab(target_cfg.vocab_size) if vd == target_cfg.vocab_size
              else eagle3.build_draft_vocab(_token_counts(data, target_cfg.vocab_size), vd))
     net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(c.seed + 10))
+    if d.head_from_target and target_params is not None:
+      net = eagle3.head_from_target(net, vocab, feature_cache.target_head(target_cfg,
+                                                                          target_params),
+                                    jnp.asarray(target_params["norm"]["scale"]))
     return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net, "vocab": vocab}
   if d.init_from:
     model, params = hf.load(d.init_from, dtype=d.dtype, param_dtype=d.param_dtype)
@@ -53,11 +59,13 @@ def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data):
   return drafters.LMDrafter(cfg), llama.init_params(cfg, jax.random.PRNGKey(c.seed + 10))
 
 
-def _token_counts(data: datasets.Data, vocab_size: int, docs: int = 200) -> np.ndarray:
+def _token_counts(data: datasets.Data, vocab_size: int, docs: int = 2000) -> np.ndarray:
+  """Frequencies of the tokens the drafter is trained to predict (the loss-masked ones: the
+  answers of conversations, every token of text), over the first ``docs`` documents."""
   counts = np.zeros(vocab_size, np.float64)
   for i in range(min(docs, len(data.train))):
-    ids = data.tokenizer.encode(datasets.document_text(data.train[i], data.kind))
-    np.add.at(counts, np.asarray(ids, np.int64), 1)
+    f = pipeline.example_features(data.train[i], data.tokenizer)
+    np.add.at(counts, f["tokens"][f["loss_mask"] > 0].astype(np.int64), 1)
   return counts
 
 
@@ -65,7 +73,7 @@ def export(drafter, params, out_dir: str, tokenizer: tokenizer_lib.TokenizerInfo
   """Atomic export (each writer validates keys/shapes before writing anything)."""
   params = jax.device_get(params)
   if isinstance(drafter, drafters.Eagle3FeatureDrafter):
-    eagle3.save_eagle3(out_dir, drafter.cfg, params["net"], params["vocab"])
+    eagle3_io.save_eagle3(out_dir, drafter.cfg, params["net"], params["vocab"])
   else:
     hf.save(out_dir, drafter.cfg, params, overwrite=True)
   tokenizer_lib.save(tokenizer, out_dir)
@@ -92,6 +100,26 @@ def _greedy_tau_fn(c, target_cfg: llama.ModelConfig, target_params, drafter, con
     return out.stats.summary()["tau"]
 
   return evaluate
+
+
+def _feature_training(c, paths: layout.Layout, target_cfg: llama.ModelConfig, target_params, drafter,
+                      vocab, data: datasets.Data, optimizer, steps: int, batch: int, seed: int):
+  """(step, iterator, step constants, batch structure) of a token-level stage on cached
+  target features: at most ``feature_rows`` rows (default: what the stage would read)."""
+  rows = feature_cache.packed_rows(data.train, data.tokenizer, c.data.seq_len,
+                                   c.baseline.feature_rows or steps * batch)
+  key = feature_cache.digest(rows["tokens"], rows["loss_mask"], drafter.target_hidden_layers,
+                             c.baseline.feature_dtype, target_params=target_params)
+  path = os.path.join(datasets.cache_dir(c, paths), f"features-{key}")
+  print(f"[features] {rows['tokens'].shape[0]} rows x {c.data.seq_len} tokens -> {path}",
+        flush=True)
+  cache = feature_cache.build(path, rows, target_cfg, target_params,
+                              drafter.target_hidden_layers, c.baseline.feature_dtype)
+  step = feature_training.make_step(drafter, settings.baseline(c), optimizer,
+                                    c.baseline.support_only)
+  structure = next(feature_cache.CachedIterator(cache, batch // jax.process_count(), 0))
+  return (step, feature_cache.CachedIterator(cache, batch, seed),
+          feature_training.constants(drafter, vocab, target_params), structure)
 
 
 def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
@@ -126,15 +154,24 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
     init = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(seed))
   state = par.place_train_state(drafter, init)
   constants = par.place_replicated(constants)
-  it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
-  jitted = par.jit_train_step(step, state, target_params, constants,
-                              parallel.batch_structure(batch // jax.process_count(),
-                                                       c.data.seq_len))
+  step_constants = constants
+  # the baseline trains on cached target features; the continued control reads PPOW's
+  # sequences in PPOW's order (its budget match), so it runs the target live like PPOW
+  if (name == "baseline" and c.baseline.feature_cache
+      and isinstance(drafter, drafters.Eagle3FeatureDrafter)):
+    step, it, step_constants, structure = _feature_training(
+        c, paths, target_cfg, target_params, drafter, constants, data, optimizer, steps, batch,
+        seed)
+    step_constants = par.place_replicated(step_constants)
+  else:
+    it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
+    structure = parallel.batch_structure(batch // jax.process_count(), c.data.seq_len)
+  jitted = par.jit_train_step(step, state, target_params, step_constants, structure)
   writer = MetricWriter(paths.tensorboard(name))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep, c.checkpoint.eval_every)
   totals = {}
-  state = trainer.run(name, jitted, state, (target_params, constants), it,
+  state = trainer.run(name, jitted, state, (target_params, step_constants), it,
                       paths.checkpoints(name), loop, writer, totals=totals,
                       evaluate=_greedy_tau_fn(c, target_cfg, target_params, drafter, constants,
                                               data))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from ppow_jax import sampling
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, hf, llama
+from ppow_jax.models import eagle3, eagle3_io, hf, llama
 
 Array = jax.Array
 
@@ -148,7 +148,7 @@ class Eagle3FeatureDrafter:
   @classmethod
   def create(cls, cfg: eagle3.Eagle3Config, target_cfg: llama.ModelConfig):
     """Params for this drafter are ``{"net": Eagle3Drafter params, "vocab": DraftVocab}``."""
-    return cls(cfg, target_cfg, tuple(target_cfg.eagle3_layers()))
+    return cls(cfg, target_cfg, tuple(cfg.aux_layer_ids or target_cfg.eagle3_layers()))
 
   @property
   def model(self) -> eagle3.Eagle3Drafter:
@@ -291,7 +291,7 @@ def load(path: str, target_cfg: llama.ModelConfig, dtype: str = "float32"):
   archs = check_drafter_dir(path).get("architectures") or []
   cfg_path = os.path.join(path, "config.json")
   if any("Eagle3" in str(a) for a in archs):
-    cfg, params, vocab = eagle3.load_eagle3(path)
+    cfg, params, vocab = eagle3_io.load_eagle3(path)
     if cfg.vocab_size != target_cfg.vocab_size:
       raise UserError(f"{cfg_path}: vocab_size {cfg.vocab_size} != target vocab_size "
                       f"{target_cfg.vocab_size}")

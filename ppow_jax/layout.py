@@ -4,6 +4,7 @@
     .lock                      held by the running process 0 (pid, host)
     config_history.jsonl       one line per run started here (appended, never rewritten)
     tokenizer/  tfds/          the BPE trained here, prepared datasets
+    cache/                     regenerated answers and target features, keyed by what shaped them
     target/                    the embedded target (HF layout) + ppow_target_info.json
     checkpoints/<stage>/       orbax steps + settings.json (the settings they were made with)
     drafters/<stage>/          exported drafters + ppow_stage_info.json (incl. the settings)
@@ -58,6 +59,11 @@ class Layout:
   @property
   def tfds(self) -> str:
     return self.path("tfds")
+
+  @property
+  def cache(self) -> str:
+    """Derived data kept between runs: regenerated answers, cached target features."""
+    return self.path("cache")
 
   def export(self, stage: str) -> str:
     """Where a stage's result lives in Hugging Face layout (``target/`` or ``drafters/<s>``)."""

@@ -73,8 +73,8 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
   target_cfg, target_params, target_info = pretrain.get_target(c, paths, data,
                                                                "target" in chosen, par)
   target_params = par.place_target(target_cfg, target_params)
-  data = datasets.regenerate(c, data, target_cfg, target_params)
-  drafter, init = drafter_stages.build_drafter(c, target_cfg, data)
+  data = datasets.regenerate(c, data, target_cfg, target_params, paths=paths)
+  drafter, init = drafter_stages.build_drafter(c, target_cfg, data, target_params)
   training = {}
   if "baseline" in chosen:
     init, training["baseline"] = drafter_stages.run_stage(

@@ -106,6 +106,10 @@ RULES: dict[str, Rule] = {
     "baseline.batch_size": _at_least(1),
     "baseline.ttt_steps": _at_least(1),
     "baseline.step_decay": _at_least(0),
+    "baseline.feature_rows": _at_least(0),
+    "data.regenerate_batch_size": _at_least(1),
+    "data.num_instructions": _at_least(1),
+    "data.heldout_instructions": _at_least(0),
     "ppow.steps": _at_least(0),
     "ppow.batch_size": _at_least(1),
     "ppow.window": _at_least(1),
@@ -262,7 +266,7 @@ def drafter_arch(c, target_cfg: llama.ModelConfig) -> DrafterArch:
     try:
       return eagle3.Eagle3Config.from_target(
           target_cfg, draft_vocab_size=d.draft_vocab_size or target_cfg.vocab_size,
-          dtype=d.dtype, param_dtype=d.param_dtype, **sizes)
+          dtype=d.dtype, param_dtype=d.param_dtype, norm_before_fc=d.norm_before_fc, **sizes)
     except ValueError as e:
       raise UserError(f"config.drafter (kind eagle3): {e}") from None
   if d.preset:

@@ -118,17 +118,18 @@ def _ttt_mask(t1: int, steps: int, step: int) -> Array:
   return (prefix | chain).reshape(t1, steps * t1)
 
 
-def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params,
-                      tokens_BxT: Array, tpass: TargetPass, steps: int):
-  """Yields ``(logits_BxTxV, valid_T)`` for each step of the TTT unroll (index t -> x_{t+1}).
+def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
+                            feats: tuple, steps: int):
+  """Yields ``(logits_BxTxVd, valid_T)`` for each step of the TTT unroll, in the draft
+  vocabulary (index t -> x_{t+1}), from the embeddings of x_1.. and the target features of
+  x_0.. (``[B, T-1, *]`` each: live or from the feature cache).
 
   One step at a time, so a caller that reduces each step (ADAW's scores) never holds all
-  ``[S, B, T, V]`` logits at once.
+  ``S`` steps' logits at once.
   """
-  b, t = tokens_BxT.shape
-  t1 = t - 1
-  model, net = drafter.model, draft_params["net"]
-  embeds, feats = _eagle_inputs(drafter, target_params, tokens_BxT, tpass.hidden)
+  b, t1 = embeds_BxT1xE.shape[:2]
+  t = t1 + 1
+  model = drafter.model
   hidden = model.apply({"params": net}, feats, method=eagle3.Eagle3Drafter.fuse)
   cache = llama.init_cache(drafter.cfg.layer_config(), b, steps * t1)
   positions = jnp.broadcast_to(jnp.arange(t1, dtype=jnp.int32), (b, t1))
@@ -136,13 +137,29 @@ def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params
   for i in range(steps):
     mask = jnp.broadcast_to(_ttt_mask(t1, steps, i), (b, t1, steps * t1))
     cache = cache.replace(lengths_B=jnp.full((b,), i * t1, jnp.int32))
-    h, logits, cache = model.apply({"params": net}, embeds, hidden, positions, cache=cache,
-                                   attn_mask_BxTxS=mask, method=eagle3.Eagle3Drafter.step)
-    logits = draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size)
+    h, logits, cache = model.apply({"params": net}, embeds_BxT1xE, hidden, positions,
+                                   cache=cache, attn_mask_BxTxS=mask,
+                                   method=eagle3.Eagle3Drafter.step)
     # entry j predicts x_{j+2} -> index j+1; entries j < i have no chain yet
     yield (jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1),
            (idx >= i + 1) & (idx <= t - 2))
     hidden = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+
+
+def eagle3_ttt_draft_logits(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
+                            feats: tuple, steps: int) -> tuple[Array, Array]:
+  """Draft-vocabulary logits ``[S, B, T, Vd]`` and validity ``[S, T]`` of the TTT unroll."""
+  logits, valid = zip(*eagle3_ttt_draft_unroll(drafter, net, embeds_BxT1xE, feats, steps))
+  return jnp.stack(logits), jnp.stack(valid)
+
+
+def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params,
+                      tokens_BxT: Array, tpass: TargetPass, steps: int):
+  """Yields ``(logits_BxTxV, valid_T)`` of the TTT unroll in the target vocabulary."""
+  embeds, feats = _eagle_inputs(drafter, target_params, tokens_BxT, tpass.hidden)
+  for logits, valid in eagle3_ttt_draft_unroll(drafter, draft_params["net"], embeds, feats,
+                                               steps):
+    yield draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size), valid
 
 
 def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params,

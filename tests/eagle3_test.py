@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3
+from ppow_jax.models import eagle3, eagle3_io
 from ppow_jax.models import llama
 
 # Every size differs (E=32, Et=24, H*D=64, M=48, Vd=40, V=64) so a transposed or swapped
@@ -106,7 +106,7 @@ class ExportTest(absltest.TestCase):
     embeds = _normal(3, 2, 7, CFG.hidden_size)
     hiddens = [_normal(4 + i, 2, 7, CFG.target_hidden_size) for i in range(3)]
     out = _tempdir(self) + "/drafter"
-    eagle3.save_eagle3(out, CFG, self.params, self.vocab)
+    eagle3_io.save_eagle3(out, CFG, self.params, self.vocab)
     want = _torch_eagle3_logits(out, np.asarray(embeds), [np.asarray(h) for h in hiddens])
     got = np.asarray(_forward(self.params, embeds, hiddens))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -124,10 +124,10 @@ class ExportTest(absltest.TestCase):
     with open(os.path.join(out, "tokenizer.json"), "w") as f:
       f.write("{}")  # an existing directory: files are replaced, others kept
     for _ in range(2):
-      eagle3.save_eagle3(out, cfg, params, self.vocab)
+      eagle3_io.save_eagle3(out, cfg, params, self.vocab)
     self.assertEqual(sorted(os.listdir(out)),
                      ["config.json", "model.safetensors", "tokenizer.json"])
-    cfg2, params2, vocab2 = eagle3.load_eagle3(out)
+    cfg2, params2, vocab2 = eagle3_io.load_eagle3(out)
     self.assertEqual(cfg2, cfg)
     self.assertEqual(jax.tree_util.tree_structure(params2), jax.tree_util.tree_structure(params))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
@@ -152,7 +152,7 @@ class ExportTest(absltest.TestCase):
              (self.params, bad_vocab, r"d2t has shape \(64,\)")]
     for params, vocab, pattern in cases:
       with self.assertRaisesRegex(UserError, pattern):
-        eagle3.save_eagle3(out, CFG, params, vocab)
+        eagle3_io.save_eagle3(out, CFG, params, vocab)
       self.assertFalse(os.path.exists(out))
       self.assertEqual(os.listdir(root), [])
 
@@ -162,23 +162,23 @@ class ExportTest(absltest.TestCase):
     with open(os.path.join(only_bin, "pytorch_model.bin"), "wb") as f:
       f.write(b"not unpickled")
     with self.assertRaisesRegex(UserError, r"pytorch_model\.bin.*pickle.*safetensors"):
-      eagle3.load_eagle3(only_bin)
+      eagle3_io.load_eagle3(only_bin)
 
     out = _tempdir(self)
-    eagle3.save_eagle3(out, CFG, self.params, self.vocab)
+    eagle3_io.save_eagle3(out, CFG, self.params, self.vocab)
     st = os.path.join(out, "model.safetensors")
     tensors = load_file(st)
     # Published drafters may also carry the target's embedding: ignored.
     save_file({**tensors, "embed_tokens.weight": np.zeros((64, 32), np.float32)}, st)
-    cfg, params, _ = eagle3.load_eagle3(out, param_dtype="float16")
+    cfg, params, _ = eagle3_io.load_eagle3(out, param_dtype="float16")
     self.assertEqual(cfg.param_dtype, "float16")
     self.assertEqual(params["fc"].dtype, jnp.float16)
     save_file({k: v for k, v in tensors.items() if k != "midlayer.hidden_norm.weight"}, st)
     with self.assertRaisesRegex(UserError, r"midlayer\.hidden_norm\.weight is missing"):
-      eagle3.load_eagle3(out)
+      eagle3_io.load_eagle3(out)
     os.remove(os.path.join(out, "config.json"))
     with self.assertRaisesRegex(UserError, r"config\.json"):
-      eagle3.load_eagle3(out)
+      eagle3_io.load_eagle3(out)
 
 
 class StepTest(absltest.TestCase):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ppow_jax.bench import pairs, serve_check
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, hf
+from ppow_jax.models import eagle3, eagle3_io, hf
 
 
 WINDOW = 3
@@ -136,7 +136,7 @@ def _bigram_pair(out_dir: str, seed: int) -> tuple[str, str]:
   inverse2 = np.argsort(f[f])  # c with f(f(c)) = t
   dparams["lm_head"] = (emb_VxE[inverse2[kept]].T * 20.0).astype(np.float32)
   drafter_dir = os.path.join(out_dir, "eagle3")
-  eagle3.save_eagle3(drafter_dir, dcfg, dparams, vocab)
+  eagle3_io.save_eagle3(drafter_dir, dcfg, dparams, vocab)
   return paths["target"], drafter_dir
 
 

@@ -1,0 +1,127 @@
+"""Cached target features: training on them equals training on live ones, and the draft-vocab
+loss has the gradient of the full-vocabulary EAGLE-3 loss."""
+
+import os
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppow_jax import feature_cache, feature_training, teacher_forcing, train_step
+from ppow_jax.drafters import Eagle3FeatureDrafter
+from ppow_jax.models import eagle3, llama
+
+TARGET = llama.ModelConfig(vocab_size=48, hidden_size=24, intermediate_size=40, num_layers=5,
+                           num_heads=2, num_kv_heads=1, max_position_embeddings=64,
+                           initializer_range=0.3)
+B, T, VD = 3, 12, 20
+
+
+def _setup(norm_before_fc: bool = False):
+  tparams = llama.init_params(TARGET, jax.random.PRNGKey(0))
+  ecfg = eagle3.Eagle3Config.from_target(TARGET, VD, intermediate_size=32,
+                                         norm_before_fc=norm_before_fc)
+  drafter = Eagle3FeatureDrafter.create(ecfg, TARGET)
+  counts = np.random.default_rng(1).permutation(TARGET.vocab_size)
+  vocab = eagle3.build_draft_vocab(counts, VD)
+  net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2))
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, TARGET.vocab_size, (B, T)).astype(np.int32)
+  mask = (rng.random((B, T)) < 0.8).astype(np.int32)
+  return tparams, drafter, vocab, net, tokens, mask
+
+
+class FeatureCacheTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    # rank promotion stays allowed here: the shared LLaMA layers broadcast norm scales and
+    # RoPE tables by rank (the pure iterator test below raises on it)
+
+  def test_training_on_cached_features_equals_live_training(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup(norm_before_fc=True)
+    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=2)
+    opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2, warmup_steps=1))
+    consts = feature_training.constants(drafter, vocab, tparams)
+    with tempfile.TemporaryDirectory() as d:
+      cache = feature_cache.build(os.path.join(d, "f"), {"tokens": tokens, "loss_mask": mask},
+                                  TARGET, tparams, drafter.target_hidden_layers,
+                                  dtype="float32", batch_size=2)
+      it = feature_cache.CachedIterator(cache, B, seed=0)
+      cached_step = jax.jit(feature_training.make_step(drafter, cfg, opt, False))
+      live_step = jax.jit(feature_training.make_live_step(TARGET, drafter, cfg, opt, False))
+      s1 = s2 = train_step.init_state(net, opt, jax.random.PRNGKey(0))
+      for _ in range(2):
+        batch = next(it)
+        s1, m1 = cached_step(s1, tparams, consts, batch)
+        s2, m2 = live_step(s2, tparams, consts, {"tokens_BxT": batch["tokens_BxT"],
+                                                 "loss_mask_BxT": batch["loss_mask_BxT"]})
+      np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+      for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      self.assertGreater(float(jnp.abs(s1.params["fc"] - net["fc"]).max()), 1e-4)
+
+  def test_draft_vocab_loss_has_the_full_vocab_gradient(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup()
+    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=3)
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
+             **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
+    consts = feature_training.constants(drafter, vocab, tparams)
+    g_new = jax.grad(lambda n: feature_training.feature_loss(
+        drafter, cfg, n, consts, tparams, batch, False)[0])(net)
+    tpass = teacher_forcing.target_pass(TARGET, tparams, jnp.asarray(tokens),
+                                        drafter.target_hidden_layers, 0)
+    g_ref = jax.grad(lambda n: train_step.token_loss(
+        drafter, cfg, {"net": n, "vocab": vocab}, tparams, tokens, mask, tpass)[0])(net)
+    for a, b in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
+      scale = float(jnp.abs(b).max()) + 1e-12
+      np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-4)
+
+  def test_support_only_renormalises_and_drops_undrafted_argmax(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup()
+    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=1)
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
+             **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
+    consts = feature_training.constants(drafter, vocab, tparams)
+    loss = feature_training.feature_loss(drafter, cfg, net, consts, tparams, batch, True)[0]
+    # numpy reference: KL(p restricted to the draft vocab || q) at positions 1..T-2 whose next
+    # token is a training token and whose target argmax is drafted
+    tpass = teacher_forcing.target_pass(TARGET, tparams, jnp.asarray(tokens),
+                                        drafter.target_hidden_layers, 0)
+    logits = teacher_forcing.eagle3_ttt_logits(drafter, {"net": net, "vocab": vocab}, tparams,
+                                               jnp.asarray(tokens), tpass, 1)[0][0]
+    kept = np.flatnonzero(np.asarray(vocab.t2d_V))
+    p = np.exp(np.asarray(tpass.logp_BxTxV, np.float64))
+    q = np.asarray(logits, np.float64)[..., kept]
+    logq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(
+        -1, keepdims=True)
+    total, count = 0.0, 0
+    for b in range(B):
+      for t in range(1, T - 1):
+        if not mask[b, t + 1] or not np.asarray(vocab.t2d_V)[p[b, t].argmax()]:
+          continue
+        pr = p[b, t, kept] / p[b, t, kept].sum()
+        total += float(np.sum(pr * (np.log(pr) - logq[b, t])))
+        count += 1
+    self.assertGreater(count, 0)
+    np.testing.assert_allclose(float(loss), total / count, rtol=1e-4)
+
+  def test_iterator_resumes_the_same_stream(self):
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+    cache = {k: np.arange(7 * 2).reshape(7, 2) for k in feature_cache.FIELDS}
+    a = feature_cache.CachedIterator(cache, 3, seed=5)
+    for _ in range(3):
+      next(a)
+    b = feature_cache.CachedIterator(cache, 3, seed=5)
+    b.set_state(a.get_state())
+    np.testing.assert_array_equal(next(a)["tokens_BxT"], next(b)["tokens_BxT"])
+    seen = np.concatenate([next(a)["tokens_BxT"][:, 0] for _ in range(7)])
+    self.assertEqual(len(np.unique(seen)), 7)  # every row comes back
+
+
+if __name__ == "__main__":
+  absltest.main()
