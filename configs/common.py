@@ -138,8 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation (docs/protocol.md's unified protocol) ---
   c.eval = ml_collections.ConfigDict()
+  c.eval.benchmarks = ""  # comma-separated sets: humaneval,chat (each reported, and their mean)
   c.eval.prompts_file = ""  # JSONL (prompt / conversations / messages); "" = held-out split
-  c.eval.num_prompts = 16  # prompts evaluated
+  c.eval.num_prompts = 16  # prompts evaluated (per benchmark)
   c.eval.prompt_len = 48  # held-out prompts: tokens of context; files: max (longer truncate)
   c.eval.prompt_policy = "truncate_left"  # longer prompts: "truncate_left" (warn) | "reject"
   c.eval.max_new_tokens = 64  # new tokens per prompt

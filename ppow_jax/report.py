@@ -12,14 +12,15 @@ from ppow_jax import cli, layout
 
 
 def _table(rows: list[dict]) -> str:
-  head = ("| T | batch | drafter | τ | τ analytic | α̂ by position | tokens/s | speedup | "
-          "greedy = AR |\n|---|---|---|---|---|---|---|---|---|\n")
+  head = ("| prompts | T | batch | drafter | τ | τ analytic | α̂ by position | tokens/s | "
+          "speedup | greedy = AR |\n|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in rows:
     alpha = ", ".join(f"{a:.2f}" for a in r.get("alpha", [])) or "–"
     same = r.get("greedy_matches_ar")
     lines.append(
-        f"| {r['temperature']:g} | {r['batch_size']} | {r['drafter']} | {r['tau']:.3f} | "
+        f"| {r.get('benchmark', '–')} | {r['temperature']:g} | {r['batch_size']} | "
+        f"{r['drafter']} | {r['tau']:.3f} | "
         f"{r['tau_analytic']:.3f} | {alpha} | {r['tokens_per_s']:.1f} | "
         f"{r['speedup']:.2f}× | {'–' if same is None else ('yes' if same else 'NO')} |")
   return head + "\n".join(lines) + "\n"
@@ -37,8 +38,10 @@ def _plots(paths: layout.Layout, rows: list[dict]) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   written = []
-  spec = [r for r in rows if r["drafter"] != "ar" and r["batch_size"] == min(
-      x["batch_size"] for x in rows)]
+  # one benchmark's rows (the mean when there are several), at the smallest batch
+  shown = "mean" if any(r.get("benchmark") == "mean" for r in rows) else rows[0].get("benchmark")
+  spec = [r for r in rows if r["drafter"] != "ar" and r.get("benchmark") == shown
+          and r["batch_size"] == min(x["batch_size"] for x in rows)]
   if spec:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     temps = sorted({r["temperature"] for r in spec})

@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Optional, Union
 
 from ppow_jax import rollout, stages, train_step
+from ppow_jax.data import benchmarks
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama, presets
 
@@ -218,6 +219,8 @@ def validate(c) -> None:
   if "eval" in chosen and max(c.eval.batch_sizes) > c.eval.num_prompts:
     raise UserError(f"config.eval.batch_sizes={tuple(c.eval.batch_sizes)}: a batch larger than "
                     f"config.eval.num_prompts={c.eval.num_prompts} would hold no prompts")
+  for name in filter(None, (n.strip() for n in c.eval.benchmarks.split(","))):
+    _one_of("eval.benchmarks", name, benchmarks.BENCHMARKS)
   if not c.eval.temperatures:
     raise UserError("config.eval.temperatures is empty")
   # the typed views check their own choices (divergences, forms, selection, ...)

@@ -19,7 +19,7 @@ from ppow_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) != "common.py")
-VARIANTS = {"default.py": ("", "smoke", "lm", "smoke,lm")}
+VARIANTS = {"tiny.py": ("", "smoke", "lm", "smoke,lm"), "default.py": ("", "quick")}
 REAL = ("", "tpu_v5p", "gpu_8xh100", "runlocal")
 # Nodes read through a typed view (``settings.view``): their leaves are the view's fields.
 VIEWS = {"ppow": rollout.PPOWConfig, "baseline": train_step.BaselineConfig,
@@ -85,7 +85,8 @@ class ShippedConfigsTest(parameterized.TestCase):
 
   def test_found_the_configs(self):
     names = {os.path.basename(p) for p in CONFIGS}
-    self.assertLessEqual({"default.py", "llama31_8b_eagle3.py", "qwen3_8b_eagle3.py"}, names)
+    self.assertLessEqual({"default.py", "tiny.py", "llama31_8b_eagle3.py", "qwen3_8b_eagle3.py"},
+                         names)
 
   def test_loading_every_config_imports_no_jax(self):
     code = ("import sys\nfrom ppow_jax import cli\n"
@@ -136,8 +137,8 @@ class ShippedConfigsTest(parameterized.TestCase):
       settings.check_runnable(c)
 
   def test_unknown_variant_names_the_known_ones(self):
-    with self.assertRaisesRegex(UserError, r"default.py:nope: .*'nope'.*\['lm', 'smoke'\]"):
-      cli.load_config(os.path.join(ROOT, "configs", "default.py:nope"))
+    with self.assertRaisesRegex(UserError, r"tiny.py:nope: .*'nope'.*\['lm', 'smoke'\]"):
+      cli.load_config(os.path.join(ROOT, "configs", "tiny.py:nope"))
 
 
 class OverridesTest(absltest.TestCase):
@@ -145,7 +146,7 @@ class OverridesTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.enterContext(jax.numpy_rank_promotion("raise"))
-    self.path = os.path.join(ROOT, "configs", "default.py")
+    self.path = os.path.join(ROOT, "configs", "tiny.py")
 
   def test_values_are_typed_like_the_default(self):
     c = cli.load_config(self.path, [("ppow.steps", "7"), ("ppow.gamma", "1"),

@@ -15,7 +15,7 @@ from ppow_jax import cli, layout, stages
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "default.py:smoke")
+SMOKE = os.path.join(ROOT, "configs", "tiny.py:smoke")
 
 
 class LayoutTest(absltest.TestCase):

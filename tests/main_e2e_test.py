@@ -18,7 +18,7 @@ from ppow_jax import cli, layout, run
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "default.py:smoke")
+SMOKE = os.path.join(ROOT, "configs", "tiny.py:smoke")
 
 
 def _smoke_config():
@@ -158,7 +158,7 @@ class MainPipelineTest(absltest.TestCase):
     """``kill -9`` late in the target's and the baseline's training: the reruns resume, and the
     record counts what this class's uninterrupted run of the same recipe counts."""
     paths = layout.Layout(os.path.join(self.tmp.name, "killed"))
-    args = ["--config=configs/default.py:smoke", "--config.stages=target,baseline",
+    args = ["--config=configs/tiny.py:smoke", "--config.stages=target,baseline",
             f"--workdir={paths.root}"]
     logs = []
     for marker in ("[target] 5/6", "[baseline] 4/4"):
@@ -191,15 +191,15 @@ class CommandLineErrorsTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as d:
       w = os.path.join(d, "w")
       cases = [
-          (("--config=configs/default.py:smoke", "--config.ppow.nope=1"),
+          (("--config=configs/tiny.py:smoke", "--config.ppow.nope=1"),
            r"--config\.ppow\.nope: unknown key 'ppow\.nope'"),
           (("--config=configs/nope.py",), r"--config=configs/nope\.py: configs/nope\.py is not"),
-          (("--config=configs/default.py:bad",), r"--config=configs/default\.py:bad: .*'bad'"),
-          (("--config=configs/default.py", "--config.ppow.window=abc"),
+          (("--config=configs/tiny.py:bad",), r"--config=configs/tiny\.py:bad: .*'bad'"),
+          (("--config=configs/tiny.py", "--config.ppow.window=abc"),
            r"--config\.ppow\.window=abc: not a int"),
-          (("--config=configs/default.py", "--config.target.num_heads=0"),
+          (("--config=configs/tiny.py", "--config.target.num_heads=0"),
            r"config\.target\.num_heads=0: must be >= 1"),
-          (("--config=configs/default.py", "--config.eval.batch_sizes=(0,)"),
+          (("--config=configs/tiny.py", "--config.eval.batch_sizes=(0,)"),
            r"config\.eval\.batch_sizes=\(0,\): each entry must be >= 1"),
       ]
       for args, pattern in cases:
@@ -212,10 +212,10 @@ class CommandLineErrorsTest(absltest.TestCase):
       w = os.path.join(d, "file")
       with open(w, "w") as f:
         f.write("x")
-      self._assert_one_line(_main("--config=configs/default.py:smoke", f"--workdir={w}"),
+      self._assert_one_line(_main("--config=configs/tiny.py:smoke", f"--workdir={w}"),
                             r"--workdir .*/file: exists and is not a directory")
       w = os.path.join(d, "w")
-      self._assert_one_line(_main("--config=configs/default.py:smoke", f"--workdir={w}",
+      self._assert_one_line(_main("--config=configs/tiny.py:smoke", f"--workdir={w}",
                                   "--config.mesh.num_devices=4096"),
                             r"config\.mesh\.num_devices=4096: only \d+ devices are available")
       self.assertFalse(os.path.exists(w))

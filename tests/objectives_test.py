@@ -15,7 +15,7 @@ from ppow_jax import rewards
 from ppow_jax.errors import UserError
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 
 N, K = 6, 4
 

@@ -20,7 +20,7 @@ from ppow_jax.models import eagle3, llama
 
 ENOUGH_DEVICES = jax.device_count() >= 8
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 NEED_8 = ("needs 8 devices: run under pytest (tests/conftest.py) or set "
           "XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
 

@@ -17,7 +17,7 @@ from ppow_jax.errors import UserError
 from ppow_jax.models import llama
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 
 
 def _conversation(i):

@@ -10,7 +10,7 @@ from ppow_jax import cli, rewards
 from ppow_jax.errors import UserError
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 
 
 N, K, V = 12, 5, 6

@@ -18,7 +18,7 @@ from ppow_jax import (cli, drafters, engine, rollout, settings, teacher_forcing,
 from ppow_jax.models import eagle3, llama
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 
 # (no rank_promotion="raise" here: the model code broadcasts RMSNorm scales implicitly)
 

@@ -10,7 +10,7 @@ from ppow_jax import cli, rollout, settings, stages, train_step
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "default.py:smoke")
+SMOKE = os.path.join(ROOT, "configs", "tiny.py:smoke")
 NUMERIC = sorted(settings.numeric_leaves(cli.load_config(SMOKE)))
 
 

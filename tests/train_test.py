@@ -25,7 +25,7 @@ from ppow_jax import pretrain
 from ppow_jax.metric_writer import MetricWriter
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "default.py")
+                    "tiny.py")
 REAL = os.path.join(os.path.dirname(BASE), "llama31_8b_eagle3.py")
 
 

@@ -1,6 +1,6 @@
 r"""Cost of a PPOW step vs a token-level baseline step, side by side, per window.
 
-  python -m ppow_jax.bench.train_cost --config=configs/default.py --workdir=workdir/default
+  python -m ppow_jax.bench.train_cost --config=configs/tiny.py --workdir=workdir/tiny
 
 Uses the run's target (pretrained by the demo, or ``config.target.hf_dir``) and a fresh drafter
 of the configured kind; both steps see the same batches. A "window" is one drafted window of
