@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.drafter.num_layers = 1  # kind="lm" only: depth
   c.drafter.dtype = "float32"  # compute dtype
   c.drafter.param_dtype = "float32"  # master weights
-  c.drafter.norm_before_fc = False  # eagle3: RMSNorm the fused target features before fc
+  c.drafter.norm_before_fc = True  # eagle3: RMSNorm the fused target features before fc
   c.drafter.head_from_target = False  # eagle3: lm_head/norm start as the target's (kept rows)
 
   # --- Token-level baseline (EAGLE-3 training-time test) ---
