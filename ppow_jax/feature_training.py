@@ -42,7 +42,7 @@ def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, 
   logits_SxBxTxVd, valid_SxT = teacher_forcing.eagle3_ttt_draft_logits(
       drafter, net, embeds, feats, cfg.ttt_steps)
   tl_BxTxVd = batch["final_BxTxE"].astype(jnp.float32) @ consts["head_ExVd"]
-  next_BxT = train_step._next_mask(batch["loss_mask_BxT"])
+  next_BxT = teacher_forcing.next_token_mask(batch["loss_mask_BxT"])
   if support_only:
     logp_BxTxVd = jax.nn.log_softmax(tl_BxTxVd, axis=-1)
     next_BxT = next_BxT & jnp.take(consts["vocab"].t2d_V, batch["argmax_BxT"])

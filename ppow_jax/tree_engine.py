@@ -138,7 +138,7 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
   d = shape.depth
   layers = drafter.target_hidden_layers
   buffer_BxN, tcache, hidden = engine._prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                               cache_len, layers)
+                                               cache_len, layers, cfg.prefill_chunk)
   dstate = drafter.init_state(b, cache_len)
   dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
                            hidden)

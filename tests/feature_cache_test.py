@@ -1,6 +1,7 @@
 """Cached target features: training on them equals training on live ones, and the draft-vocab
 loss has the gradient of the full-vocabulary EAGLE-3 loss."""
 
+import dataclasses
 import os
 import tempfile
 
@@ -9,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import feature_cache, feature_training, teacher_forcing, train_step
+from ppow_jax import (cli, feature_cache, feature_training, settings, teacher_forcing,
+                      train_step)
 from ppow_jax.drafters import Eagle3FeatureDrafter
 from ppow_jax.models import eagle3, llama
 
@@ -17,6 +19,15 @@ TARGET = llama.ModelConfig(vocab_size=48, hidden_size=24, intermediate_size=40, 
                            num_heads=2, num_kv_heads=1, max_position_embeddings=64,
                            initializer_range=0.3)
 B, T, VD = 3, 12, 20
+
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "tiny.py")
+
+
+def _baseline(**overrides) -> train_step.BaselineConfig:
+  """The shipped baseline settings (forward KL, decay 0.8) with ``overrides``."""
+  return dataclasses.replace(settings.baseline(cli.load_config(BASE)), **overrides)
 
 
 def _setup(norm_before_fc: bool = False):
@@ -42,8 +53,9 @@ class FeatureCacheTest(absltest.TestCase):
 
   def test_training_on_cached_features_equals_live_training(self):
     tparams, drafter, vocab, net, tokens, mask = _setup(norm_before_fc=True)
-    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=2)
-    opt = train_step.make_optimizer(train_step.OptimConfig(learning_rate=1e-2, warmup_steps=1))
+    cfg = _baseline(ttt_steps=2)
+    opt = train_step.make_optimizer(dataclasses.replace(
+        settings.optim(cli.load_config(BASE).baseline.optim), learning_rate=1e-2, warmup_steps=1))
     consts = feature_training.constants(drafter, vocab, tparams)
     with tempfile.TemporaryDirectory() as d:
       cache = feature_cache.build(os.path.join(d, "f"), {"tokens": tokens, "loss_mask": mask},
@@ -65,7 +77,7 @@ class FeatureCacheTest(absltest.TestCase):
 
   def test_draft_vocab_loss_has_the_full_vocab_gradient(self):
     tparams, drafter, vocab, net, tokens, mask = _setup()
-    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=3)
+    cfg = _baseline(ttt_steps=3)
     feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
     batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
              **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
@@ -82,7 +94,7 @@ class FeatureCacheTest(absltest.TestCase):
 
   def test_support_only_renormalises_and_drops_undrafted_argmax(self):
     tparams, drafter, vocab, net, tokens, mask = _setup()
-    cfg = train_step.BaselineConfig("forward_kl", ttt_steps=1)
+    cfg = _baseline(ttt_steps=1)
     feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
     batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
              **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}

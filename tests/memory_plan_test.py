@@ -145,7 +145,7 @@ class MemoryPlanTest(absltest.TestCase):
   def test_plans_the_drafter_training_builds(self):
     """The default config (embedded target, EAGLE-3 drafter): the plan's drafter has exactly
     the parameters ``drafter_stages.build_drafter`` initialises."""
-    config = _config("default", "smoke")
+    config = _config("tiny", "smoke")
     config.drafter.draft_vocab_size = 0
     out = memory_plan.plan(config, num_devices=1)
     target = settings.target_arch(config)
@@ -171,6 +171,7 @@ class MemoryPlanTest(absltest.TestCase):
       memory_plan.plan(config, num_devices=3)
     config.mesh.ici_shape = (-1, 1, 1)
     config.ppow.batch_size = 6
+    config.ppow.pool_size = 6 * 4  # the ADAW pool holds whole batches
     with self.assertRaisesRegex(UserError, r"config\.ppow\.batch_size=6 .* 4 shards"):
       memory_plan.plan(config, num_devices=4)
     self.assertEqual(memory_plan.plan(config, num_devices=2)["mesh_shape"]["data"], 2)

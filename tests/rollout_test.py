@@ -94,7 +94,7 @@ class ChainStatesTest(absltest.TestCase):
     def engine_draft(prompts, lens, forced):
       cache_len = prompts.shape[1] + K + 2
       buffer, _, hidden = engine._prefill(llama.Decoder(TARGET), TP, prompts, lens, cache_len,
-                                          DRAFTER.target_hidden_layers)
+                                          DRAFTER.target_hidden_layers, 0)
       state = DRAFTER.prefill(PARAMS, TP, DRAFTER.init_state(B, cache_len), prompts, lens,
                               hidden)
       return DRAFTER.draft(PARAMS, TP, state, buffer, lens, jax.random.PRNGKey(0), K, 1.0, 1.0,

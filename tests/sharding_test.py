@@ -101,7 +101,6 @@ class RulesTest(parameterized.TestCase):
     self.assertEqual(_norm(sharding.batch_spec(ACT_RULES)), (("data", "fsdp"),))
     self.assertEqual(_norm(sharding.spec_for(sharding.CACHE_AXES, ACT_RULES)),
                      (("data", "fsdp"), "tensor"))
-    self.assertEqual(_norm(sharding.cache_spec(ACT_RULES)), (("data", "fsdp", "tensor"),))
 
   @parameterized.named_parameters(
       ("conflict", [("vocab", "tensor"), ("embed", "fsdp"), ("vocab", None)],

@@ -49,7 +49,7 @@ class VerifyTreeTest(absltest.TestCase):
     tp = llama.init_params(TARGET, jax.random.PRNGKey(0))
     model = llama.Decoder(TARGET)
     prompts, lens = engine.pad_prompts([[4, 5, 6, 7, 8, 9], [11, 12, 13]], multiple=8)
-    _, cache, _ = engine._prefill(model, tp, jnp.asarray(prompts), jnp.asarray(lens), 32, ())
+    _, cache, _ = engine._prefill(model, tp, jnp.asarray(prompts), jnp.asarray(lens), 32, (), 0)
     parents = [-1, 0, 0, 1, 1, 2, 4, 6]
     rng = np.random.default_rng(0)
     toks = rng.integers(0, 64, size=(2, len(parents)))
