@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.target.max_position_embeddings = 1024  # embedded target only: context
   c.target.pretrain_steps = 500  # embedded target only: LM pretraining steps
   c.target.pretrain_batch_size = 16  # embedded target only: sequences per step
-  c.target.sample_tokens = 48  # embedded target only: greedy sample length for the report
+  c.target.sample_tokens = 48  # greedy sample length shown in the report (0 = none)
   c.target.optim = optim(6e-3, 30, 500)
 
   # --- Drafter ---

@@ -65,7 +65,7 @@ def make_step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,
     (loss, metrics), grads = jax.value_and_grad(feature_loss, argnums=2, has_aux=True)(
         drafter, cfg, state.params, consts, target_params, batch, support_only)
     state, gnorm = train_step._apply_update(optimizer, state, grads)
-    metrics = dict(metrics, loss=loss, grad_norm=gnorm,
+    metrics = dict(metrics, loss=loss, grad_norm=gnorm, updates=jnp.float32(1.0),
                    windows=jnp.asarray(batch["tokens_BxT"].size, jnp.float32))
     return state.replace(step=state.step + 1), metrics
 

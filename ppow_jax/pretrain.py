@@ -73,6 +73,23 @@ def sample_text(cfg: llama.ModelConfig, params, data: datasets.Data, prompt: str
   return prompt + info.decode(out.new_tokens()[0])
 
 
+SAMPLE_REQUEST = "Write a Python function that returns the n-th Fibonacci number."
+
+
+def sample_chat(cfg: llama.ModelConfig, params, info, request: str,
+                max_new_tokens: int) -> str:
+  """The target's greedy answer to ``request`` under its chat template (shown in the report,
+  so a reader sees what the model is)."""
+  ids = tokenizer_lib.apply_chat_template([("user", request)], info,
+                                          add_generation_prompt=True).ids
+  eos = (info.eos_id,) if info.eos_id is not None else ()
+  eng = engine.Engine(cfg, None, engine.DecodeConfig(max_new_tokens=max_new_tokens,
+                                                     eos_ids=eos))
+  prompts, lens = engine.pad_prompts([[int(i) for i in ids]])
+  out = eng.generate(params, None, prompts, lens, jax.random.PRNGKey(0))
+  return f"{request}\n---\n{info.decode(out.new_tokens()[0])}"
+
+
 def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
                par: Optional[parallel.Parallel] = None) -> tuple[llama.ModelConfig, Any, dict]:
   """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
@@ -80,7 +97,13 @@ def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
     model, params = hf.load(gguf_convert.resolve(c.target.hf_dir), dtype=c.target.dtype,
                             param_dtype=c.target.param_dtype)
     hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
-    return model.cfg, jax.tree_util.tree_map(jnp.asarray, params), {"source": c.target.hf_dir}
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    info = {"source": c.target.hf_dir, "params": llama.param_count(params)}
+    if c.target.sample_tokens and data.tokenizer.chat_template:
+      info["sample"] = sample_chat(model.cfg, params, data.tokenizer, SAMPLE_REQUEST,
+                                   c.target.sample_tokens)
+      print(f"[target] sample:\n{info['sample']}", flush=True)
+    return model.cfg, params, info
   out_dir = paths.export("target")
   info = paths.read_info("target")
   if info is not None:

@@ -98,11 +98,12 @@ def write(paths: layout.Layout, protocol: dict, hardware: dict, target: dict, ro
             "training": training}
   cli.write_json(paths.report_json, report)
   plots = _plots(paths, rows)
+  loss = target.get("heldout_loss_nats")
   md = ["# ppow_jax run report", "",
-        f"Target: {target.get('source')} ({target.get('params', '?')} parameters); held-out "
-        f"loss {target.get('heldout_loss_nats', float('nan')):.3f} nats.", ""]
+        f"Target: {target.get('source')} ({target.get('params', '?')} parameters)"
+        + (f"; held-out loss {loss:.3f} nats." if loss is not None else "."), ""]
   if target.get("sample"):
-    md += ["Target sample (greedy):", "", "```", target["sample"], "```", ""]
+    md += ["Target sample (greedy):", "", "````", target["sample"], "````", ""]  # may hold ```
   md += [f"Protocol: {json.dumps(protocol)}", "",
          f"Hardware: {hardware.get('device_kind')} × {hardware.get('num_devices')}, "
          f"{hardware.get('cpu_count')} CPUs, load {hardware.get('load_average')}", "",
