@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags
@@ -25,6 +26,26 @@ def write_text(path: str, text: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def staging_dir(final: str) -> str:
+  """A new empty directory beside ``final`` (same filesystem: one rename publishes it whole);
+  a parent that cannot be created or written is a one-line UserError."""
+  parent, name = os.path.split(os.path.abspath(final))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  except OSError as e:
+    raise UserError(f"{final}: cannot create a directory next to it ({e})") from None
+
+
+def emit(result: dict, tool: str, table: str, output_json: Optional[str]) -> dict:
+  """A benchmark tool's ending: the command that produced ``result``, its table, its JSON."""
+  result["command"] = " ".join([f"python -m {tool}"] + sys.argv[1:])
+  print(table)
+  if output_json:
+    write_json(output_json, result)
+  return result
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Iterator, Sequence
 
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppow_jax import cli
 from ppow_jax.data import pipeline
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
@@ -120,9 +120,7 @@ def build(path: str, rows: dict[str, np.ndarray], target_cfg: llama.ModelConfig,
   big = max(float(np.abs(arrays["feats"]).max()), float(np.abs(arrays["final"]).max()))
   if not np.isfinite(big):
     raise UserError(f"target features overflow {dtype}; set the feature cache dtype to float32")
-  parent, name = os.path.split(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  tmp = cli.staging_dir(path)
   try:
     for k in FIELDS:
       np.save(os.path.join(tmp, k + ".npy"), arrays[k])

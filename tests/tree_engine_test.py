@@ -12,24 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
+import engine_test  # the chain engine's tiny models, prompts and noisy drafter
 from ppow_jax import drafters, engine, tree, tree_engine
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama
 
-TARGET = llama.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
-                           num_heads=4, num_kv_heads=2, max_position_embeddings=160,
-                           initializer_range=0.3)
-SMALL = llama.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-                          num_heads=2, num_kv_heads=1, max_position_embeddings=160)
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [3]]
-MAX_NEW = 14
-
-
-def _noisy_copy(params, scale, seed):
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+# the chain engine's test models, with room for a tree's provisional entries
+TARGET = dataclasses.replace(engine_test.TARGET, max_position_embeddings=160)
+SMALL = dataclasses.replace(engine_test.SMALL, max_position_embeddings=160)
+PROMPTS, MAX_NEW, _noisy_copy = engine_test.PROMPTS, engine_test.MAX_NEW, engine_test._noisy_copy
 
 
 def _tree_of(parents, tokens_BxN1, top_k):

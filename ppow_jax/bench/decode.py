@@ -245,11 +245,7 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
       print(f"saved the pair to {paths}", file=sys.stderr)
   result = run_benchmark(target_cfg, target_params, draft, draft_params, opts, kind,
                          description)
-  result["command"] = " ".join(["python -m ppow_jax.bench.decode"] + sys.argv[1:])
-  print(format_table(result))
-  if output_json:
-    cli.write_json(output_json, result)
-  return result
+  return cli.emit(result, "ppow_jax.bench.decode", format_table(result), output_json)
 
 
 def run(argv) -> dict:

@@ -368,11 +368,7 @@ def run(argv) -> dict:
   result = run_peers(FLAGS.pair_dir, FLAGS.window, FLAGS.max_new_tokens,
                      FLAGS.prompt or DEFAULT_PROMPT, FLAGS.repeats, threads, FLAGS.llamacpp_bin,
                      FLAGS.skip_hf)
-  result["command"] = " ".join(["python -m ppow_jax.bench.peers"] + sys.argv[1:])
-  print(format_table(result))
-  if FLAGS.output_json:
-    cli.write_json(FLAGS.output_json, result)
-  return result
+  return cli.emit(result, "ppow_jax.bench.peers", format_table(result), FLAGS.output_json)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 import time
 from typing import Optional
 
@@ -371,11 +370,7 @@ def run(argv_unused=None) -> dict:
                      target_gguf=FLAGS.target_gguf, prompts_file=FLAGS.prompts_file,
                      num_prompts=FLAGS.num_prompts, cache_dir=FLAGS.cache_dir,
                      threads=FLAGS.threads)
-  result["command"] = " ".join(["python -m ppow_jax.bench.serve_check"] + sys.argv[1:])
-  print(format_table(result))
-  if FLAGS.output_json:
-    cli.write_json(FLAGS.output_json, result)
-  return result
+  return cli.emit(result, "ppow_jax.bench.serve_check", format_table(result), FLAGS.output_json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Optional
 
 from absl import logging
 
+from ppow_jax import cli
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf, gguf_tokenizer, hf, llama
@@ -76,12 +77,7 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   info = gguf_tokenizer.build(reader)  # Everything is read before anything is written.
   gen = gguf_tokenizer.generation_info(reader)
   model, params = gguf.load(gguf_path, reader=reader)
-  parent = os.path.dirname(out_dir)
-  try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  except OSError as e:
-    raise UserError(f"{out_dir}: cannot create a directory next to it ({e})") from None
+  tmp = cli.staging_dir(out_dir)
   try:
     hf.save(tmp, model.cfg, params, architecture=arch, overwrite=True)
     tokenizer_lib.save(info, tmp)

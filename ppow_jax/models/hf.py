@@ -23,6 +23,7 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ppow_jax import cli
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
 from ppow_jax.models.hf_config import (ARCHITECTURES, CONFIG, check_dir, check_dtypes,  # noqa: F401
@@ -240,11 +241,7 @@ def _write_atomically(hf_dir: str, config: dict, tensors: dict, overwrite: bool)
   if existing and not overwrite:
     raise UserError(f"{hf_dir}: directory is not empty; pass overwrite=True to replace the model")
   parent, name = os.path.split(hf_dir)
-  try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  except OSError as e:
-    raise UserError(f"{hf_dir}: cannot create a directory next to it ({e})") from None
+  tmp = cli.staging_dir(hf_dir)
   try:
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
