@@ -32,6 +32,20 @@ def _noisy_copy(params, scale, seed):
       tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def make_drafter(kind: str, target: llama.ModelConfig, small: llama.ModelConfig, tp):
+  """(drafter, params): a random small LM, a noisy copy of the target, or a random EAGLE-3
+  drafter with a 48-token draft vocabulary."""
+  if kind == "lm_random":
+    return drafters.LMDrafter(small), llama.init_params(small, jax.random.PRNGKey(1))
+  if kind == "lm_noisy":
+    return drafters.LMDrafter(target), _noisy_copy(tp, 0.005, 1)
+  ecfg = eagle3.Eagle3Config.from_target(target, draft_vocab_size=48)
+  counts = np.arange(target.vocab_size)[::-1].astype(np.float64)
+  return (drafters.Eagle3FeatureDrafter.create(ecfg, target),
+          {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
+           "vocab": eagle3.build_draft_vocab(counts, 48)})
+
+
 class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
 
   @classmethod
@@ -57,18 +71,7 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
       ("lm_random", 1), ("lm_noisy", 4), ("lm_noisy", 10),
       ("eagle3", 1), ("eagle3", 4), ("eagle3", 10))
   def test_speculative_equals_autoregressive(self, kind, window):
-    if kind == "lm_random":
-      drafter = drafters.LMDrafter(SMALL)
-      dparams = llama.init_params(SMALL, jax.random.PRNGKey(1))
-    elif kind == "lm_noisy":
-      drafter = drafters.LMDrafter(TARGET)
-      dparams = _noisy_copy(self.tp, 0.005, 1)
-    else:
-      ecfg = eagle3.Eagle3Config.from_target(TARGET, draft_vocab_size=48)
-      drafter = drafters.Eagle3FeatureDrafter.create(ecfg, TARGET)
-      counts = np.arange(TARGET.vocab_size)[::-1].astype(np.float64)
-      dparams = {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
-                 "vocab": eagle3.build_draft_vocab(counts, 48)}
+    drafter, dparams = make_drafter(kind, TARGET, SMALL, self.tp)
     cfg = engine.DecodeConfig(window=window, max_new_tokens=MAX_NEW)
     out = engine.Engine(TARGET, drafter, cfg).generate(self.tp, dparams, self.prompts,
                                                        self.lens, jax.random.PRNGKey(0))

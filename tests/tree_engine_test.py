@@ -88,18 +88,7 @@ class TreeGreedyEqualsAutoregressiveTest(parameterized.TestCase):
   @parameterized.parameters(("lm_noisy", (10, 4, 3)), ("lm_random", (6, 3, 2)),
                             ("eagle3", (8, 3, 3)))
   def test_tree_equals_autoregressive(self, kind, shape):
-    if kind == "lm_random":
-      drafter = drafters.LMDrafter(SMALL)
-      dparams = llama.init_params(SMALL, jax.random.PRNGKey(1))
-    elif kind == "lm_noisy":
-      drafter = drafters.LMDrafter(TARGET)
-      dparams = _noisy_copy(self.tp, 0.005, 1)
-    else:
-      ecfg = eagle3.Eagle3Config.from_target(TARGET, draft_vocab_size=48)
-      drafter = drafters.Eagle3FeatureDrafter.create(ecfg, TARGET)
-      counts = np.arange(TARGET.vocab_size)[::-1].astype(np.float64)
-      dparams = {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
-                 "vocab": eagle3.build_draft_vocab(counts, 48)}
+    drafter, dparams = engine_test.make_drafter(kind, TARGET, SMALL, self.tp)
     shape = tree.TreeShape(*shape)
     cfg = engine.DecodeConfig(max_new_tokens=MAX_NEW)
     out = tree_engine.TreeEngine(TARGET, drafter, cfg, shape).generate(
