@@ -32,6 +32,27 @@ def _noisy_copy(params, scale, seed):
       tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def sample_joint(eng, tp, dp, prompts, lens, reps: int, vocab: int) -> tuple[np.ndarray, float]:
+  """Counts of the first three generated tokens (as one index in ``vocab**3``) over ``reps``
+  keyed runs, and the accepted draft tokens summed over them."""
+  counts, accepted = np.zeros(vocab ** 3), 0.0
+  for r in range(reps):
+    out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
+    toks = np.array(out.new_tokens())
+    np.add.at(counts, toks @ (vocab ** np.arange(2, -1, -1)), 1)
+    accepted += out.stats.summary()["accepted"]
+  return counts, accepted
+
+
+def chi2_test(counts: np.ndarray, expected: np.ndarray) -> tuple[float, int, float]:
+  """(χ², degrees of freedom, p-value); cells expecting < 5 are pooled into one."""
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  chi2 = float(((obs - exp) ** 2 / exp).sum())
+  return chi2, len(obs) - 1, float(scipy_stats.chi2.sf(chi2, len(obs) - 1))
+
+
 def make_drafter(kind: str, target: llama.ModelConfig, small: llama.ModelConfig, tp):
   """(drafter, params): a random small LM, a noisy copy of the target, or a random EAGLE-3
   drafter with a 48-token draft vocabulary."""
@@ -142,22 +163,12 @@ class LosslessSamplingTest(parameterized.TestCase):
     cfg = engine.DecodeConfig(window=2, temperature=temperature, max_new_tokens=3)
     eng = engine.Engine(self.CFG, drafters.LMDrafter(self.CFG), cfg)
     prompts, lens = engine.pad_prompts([prompt] * rows, multiple=1)
-    counts = np.zeros(self.V ** 3)
-    accepted = 0
-    for r in range(reps):
-      out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
-      toks = np.array(out.new_tokens())
-      np.add.at(counts, toks @ (self.V ** np.arange(2, -1, -1)), 1)
-      accepted += out.stats.summary()["accepted"]
+    counts, accepted = sample_joint(eng, tp, dp, prompts, lens, reps, self.V)
     self.assertGreater(accepted, 0.2 * rows * reps)  # rejections and acceptances both occur
     self.assertLess(accepted, 1.8 * rows * reps)
     expected = self._exact_joint(tp, prompt, temperature) * rows * reps
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    chi2 = ((obs - exp) ** 2 / exp).sum()
-    pval = scipy_stats.chi2.sf(chi2, len(obs) - 1)
-    self.assertGreater(pval, 1e-3, f"chi2={chi2:.1f} dof={len(obs) - 1}")
+    chi2, dof, pval = chi2_test(counts, expected)
+    self.assertGreater(pval, 1e-3, f"chi2={chi2:.1f} dof={dof}")
 
 
 class BadInputTest(absltest.TestCase):

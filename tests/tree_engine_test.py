@@ -10,7 +10,6 @@ from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats as scipy_stats
 
 import engine_test  # the chain engine's tiny models, prompts and noisy drafter
 from ppow_jax import drafters, engine, tree, tree_engine
@@ -124,13 +123,7 @@ class TreeLosslessSamplingTest(absltest.TestCase):
     eng = tree_engine.TreeEngine(self.CFG, drafters.LMDrafter(self.CFG), cfg,
                                  tree.TreeShape(4, 2, 2))
     prompts, lens = engine.pad_prompts([prompt] * rows, multiple=1)
-    counts = np.zeros(self.V ** 3)
-    accepted = 0
-    for r in range(reps):
-      out = eng.generate(tp, dp, prompts, lens, jax.random.PRNGKey(100 + r))
-      toks = np.array(out.new_tokens())
-      np.add.at(counts, toks @ (self.V ** np.arange(2, -1, -1)), 1)
-      accepted += out.stats.summary()["accepted"]
+    counts, accepted = engine_test.sample_joint(eng, tp, dp, prompts, lens, reps, self.V)
     self.assertGreater(accepted, 0.2 * rows * reps)
     model = llama.Decoder(self.CFG)
     seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
@@ -139,12 +132,8 @@ class TreeLosslessSamplingTest(absltest.TestCase):
     p = len(prompt)
     exact = np.exp(sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3)))
     expected = exact * rows * reps
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    chi2 = ((obs - exp) ** 2 / exp).sum()
-    self.assertGreater(scipy_stats.chi2.sf(chi2, len(obs) - 1), 1e-3,
-                       f"chi2={chi2:.1f} dof={len(obs) - 1}")
+    chi2, dof, pval = engine_test.chi2_test(counts, expected)
+    self.assertGreater(pval, 1e-3, f"chi2={chi2:.1f} dof={dof}")
 
 
 if __name__ == "__main__":
