@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.instructions = ""  # "stdlib" | a prompts JSONL: requests the target answers (self-distilled)
   c.data.num_instructions = 800  # training instructions drawn (train modules/lines only)
   c.data.heldout_instructions = 32  # held-out instructions (evaluation prompts when no file)
+  c.data.self_instructions = 0  # requests the target writes itself (Magpie-style), then answers
+  c.data.self_instruct_temperature = 1.0  # sampling temperature of those requests
+  c.data.self_instruct_max_tokens = 96  # cap per request (cut ones are dropped)
   c.data.cache_dir = ""  # regenerated answers and target features ("" = <workdir>/cache)
 
   # --- Target (frozen during drafter training) ---

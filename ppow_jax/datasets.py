@@ -10,7 +10,6 @@ HF target's, else a byte-level BPE trained here on the train split and cached in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sysconfig
@@ -20,7 +19,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ppow_jax import cli, layout, sharding
+from ppow_jax import cli, feature_cache, layout, self_instruct, sharding
 from ppow_jax.data import benchmarks, builders, instructions, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -184,16 +183,81 @@ def eval_prompts(c, data: Data) -> list[list[int]]:
   return out
 
 
-def _regenerated_path(c, cache_dir: str, conversations: list, tokenizer, target_params) -> str:
-  """Cache file named by everything that shapes the answers: the conversations, the target's
-  weights (a strided sample of every tensor), the tokenizer and the decoding settings."""
-  h = hashlib.sha256(json.dumps({"conversations": conversations,
-                                 "max_new_tokens": c.data.regenerate_max_new_tokens,
-                                 "vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id},
-                                sort_keys=True).encode())
-  for leaf in jax.tree_util.tree_leaves(target_params):
-    h.update(np.ascontiguousarray(np.asarray(leaf).ravel()[::997]).tobytes())
-  return os.path.join(cache_dir, f"regenerated-{h.hexdigest()[:16]}.jsonl")
+def _answers_path(c, cache_dir: str, tokenizer, target_params) -> str:
+  """The answer store of one target and decoding setting: named by the target's weights (a
+  strided sample of every tensor), the tokenizer and the decoding settings."""
+  key = feature_cache.digest({"max_new_tokens": c.data.regenerate_max_new_tokens,
+                              "vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id},
+                             target_params=target_params)
+  return os.path.join(cache_dir, f"answers-{key}.jsonl")
+
+
+def _conversation_key(turns: Sequence[prompts.Turn]) -> str:
+  return feature_cache.digest([list(t) for t in turns])
+
+
+def _read_rows(path: str) -> list[dict]:
+  """The rows of an append-only JSONL store; a torn line (an interrupted append) is skipped,
+  so an interrupted run resumes where it stopped."""
+  rows = []
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return rows
+
+
+def _append_rows(path: str, rows: Sequence[dict]) -> None:
+  """Appends whole lines and syncs them: what was written survives an interruption."""
+  if not sharding.is_primary() or not rows:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  torn = False
+  if os.path.isfile(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"
+  with open(path, "a") as f:
+    f.write("\n" * torn + "".join(json.dumps(r) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def self_requests(c, data: Data, target_cfg, target_params, cache: str) -> list[str]:
+  """``data.self_instructions`` requests written by the target (``self_instruct``), stored
+  round by round under a key of the target, its template prefix and the sampling settings
+  (not the count: a larger count, or an interrupted run, continues the same store)."""
+  from ppow_jax import engine  # deferred: the data stage does not otherwise need JAX models
+  d = c.data
+  prefix = self_instruct.user_prefix(data.tokenizer)
+  key = feature_cache.digest({"batch": d.regenerate_batch_size, "seed": c.seed, "prefix": prefix,
+                              "temperature": d.self_instruct_temperature,
+                              "max_tokens": d.self_instruct_max_tokens},
+                             target_params=target_params)
+  path = os.path.join(cache, f"self-instruct-{key}.jsonl")
+  done = [(r["round"], r["request"]) for r in _read_rows(path)]
+  if len(done) >= d.self_instructions:
+    logging.info("reusing self-written requests from %s", path)
+    return [text for _, text in done][:d.self_instructions]
+  eng = engine.Engine(target_cfg, None, engine.DecodeConfig(
+      max_new_tokens=d.self_instruct_max_tokens, temperature=d.self_instruct_temperature,
+      eos_ids=(data.tokenizer.eos_id,)))
+  base = jax.random.PRNGKey(c.seed + 7)
+
+  def generate_fn(prompt_ids: list[list[int]], round_index: int) -> list[list[int]]:
+    padded, lens = engine.pad_prompts(prompt_ids)
+    return eng.generate(target_params, None, padded, lens,
+                        jax.random.fold_in(base, round_index)).new_tokens()
+
+  def store(round_index: int, kept: list[str]) -> None:
+    _append_rows(path, [{"round": round_index, "request": t} for t in kept])
+
+  requests = self_instruct.sample_requests(generate_fn, data.tokenizer, d.self_instructions,
+                                           d.regenerate_batch_size, done=done, on_round=store)
+  return requests
 
 
 def cache_dir(c, paths: layout.Layout) -> str:
@@ -206,26 +270,42 @@ def regenerate(c, data: Data, target_cfg, target_params, batch_size: int = 0,
   """Replace the assistant turns of the training conversations with the target's own answers.
 
   Greedy, batched, with the engine's AR path. Drafters trained on the target's own outputs
-  accept more (the EAGLE maintainers' first remedy). With ``paths`` the result is cached
-  in ``cache_dir`` under a key of everything that shaped it, so reruns reuse it.
+  accept more (the EAGLE maintainers' first remedy). With ``paths`` every answered batch is
+  appended to a store in ``cache_dir`` (one per target and decoding setting, keyed per
+  conversation), so reruns, larger datasets and interrupted runs reuse what was answered.
+  ``data.self_instructions`` adds requests the target writes itself (``self_requests``).
   """
-  if not (c.data.regenerate or c.data.instructions):
+  if not (c.data.regenerate or c.data.instructions or c.data.self_instructions):
     return data
   if data.kind != "conversations":
-    raise UserError("config.data.regenerate needs conversation data (config.data.conversations "
-                    "or a conversations TFDS dataset), not a text corpus")
+    key = "self_instructions" if c.data.self_instructions else "regenerate"
+    raise UserError(f"config.data.{key} needs conversation data (config.data.instructions, "
+                    "config.data.conversations or a conversations TFDS dataset), not a text "
+                    "corpus")
   batch_size = batch_size or c.data.regenerate_batch_size
   conversations = [_turns(data.train[i]) for i in range(len(data.train))]
-  path = ""
-  if paths is not None:
-    path = _regenerated_path(c, cache_dir(c, paths), conversations, data.tokenizer,
-                             target_params)
-    if os.path.isfile(path):
-      with open(path) as f:
-        new = [[tuple(t) for t in json.loads(line)["turns"]] for line in f]
-      logging.info("reusing %d regenerated conversations from %s", len(new), path)
-      return dataclasses.replace(data, train=new,
-                                 description=data.description + " (answered by the target)")
+  cache = cache_dir(c, paths) if paths is not None else ""
+  if c.data.self_instructions:
+    if not cache:
+      raise UserError("config.data.self_instructions needs a workdir (its requests are cached)")
+    conversations += [[("user", r), ("assistant", "")]
+                      for r in self_requests(c, data, target_cfg, target_params, cache)]
+  keys = [_conversation_key(t) for t in conversations]
+  path = _answers_path(c, cache, data.tokenizer, target_params) if cache else ""
+  answers = {r["key"]: [tuple(t) for t in r["turns"]] for r in _read_rows(path)} if path else {}
+  todo = [i for i, k in enumerate(keys) if k not in answers]
+  if answers:
+    logging.info("reusing %d regenerated conversations from %s", len(keys) - len(todo), path)
+  if todo:
+    _answer(c, data, target_cfg, target_params, batch_size,
+            [conversations[i] for i in todo], [keys[i] for i in todo], answers, path)
+  return dataclasses.replace(data, train=[answers[k] for k in keys],
+                             description=data.description + " (answered by the target)")
+
+
+def _answer(c, data: Data, target_cfg, target_params, batch_size: int, todo: list,
+            keys: list[str], answers: dict, path: str) -> None:
+  """Answers ``todo`` greedily in batches into ``answers``, appending each batch to ``path``."""
   from ppow_jax import engine  # deferred: the data stage does not otherwise need JAX models
   eos = (data.tokenizer.eos_id,) if data.tokenizer.eos_id is not None else ()
   eng = engine.Engine(target_cfg, None, engine.DecodeConfig(
@@ -239,13 +319,14 @@ def regenerate(c, data: Data, target_cfg, target_params, batch_size: int = 0,
                                       multiple=64)
     out = eng.generate(target_params, None, padded, lens, rng).new_tokens()[:rows]
     done[0] += rows
-    print(f"[data] answered {done[0]}/{len(conversations)}", flush=True)
+    print(f"[data] answered {done[0]}/{len(todo)}", flush=True)
     return out
 
-  logging.info("regenerating the assistant turns of %d conversations", len(conversations))
-  new = pipeline.regenerate_responses(conversations, generate_fn, data.tokenizer, batch_size)
-  if path and sharding.is_primary():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    cli.write_text(path, "".join(json.dumps({"turns": t}) + "\n" for t in new))
-  return dataclasses.replace(data, train=new,
-                             description=data.description + " (answered by the target)")
+  logging.info("regenerating the assistant turns of %d conversations", len(todo))
+  for start in range(0, len(todo), batch_size):
+    answered = pipeline.regenerate_responses(todo[start:start + batch_size], generate_fn,
+                                             data.tokenizer, batch_size)
+    answers.update(zip(keys[start:start + batch_size], answered))
+    if path:
+      _append_rows(path, [{"key": k, "turns": t}
+                          for k, t in zip(keys[start:start + batch_size], answered)])
