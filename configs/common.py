@@ -149,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 64  # new tokens per prompt
   c.eval.temperatures = (0.0, 1.0)  # decoding temperatures
   c.eval.window = -1  # K at evaluation; -1 = ppow.window (train and evaluate one K)
+  c.eval.tree = ()  # also EAGLE-2 trees: (total_tokens, depth, top_k); () or (0, 0, 0) = chain only
   c.eval.batch_sizes = (1, 8)  # 1 = the speedup protocol; >1 = batched throughput
   c.eval.repeats = 3  # timed runs; speedups use the median
   c.eval.eos = True  # stop at the tokenizer's EOS
@@ -232,6 +233,7 @@ def real_run(preset: str, arg: str | None, tensor: int) -> ml_collections.Config
   c.ppow.optim = optim(5e-6, 100, 4000)  # GTO's learning rate
   c.continued.optim = optim(5e-6, 100, 4000)
   c.eval.max_new_tokens, c.eval.batch_sizes = 512, (1, 8)  # eval.window: ppow.window
+  c.eval.tree = (60, 7, 10)  # EAGLE-2's published tree, beside the chain
   c.eval.num_prompts = 80  # e.g. MT-Bench / HumanEval / GSM8K question files
   c.eval.prompt_len = 1024
   c.sharding.drafter_params = "fsdp"

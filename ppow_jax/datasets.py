@@ -138,15 +138,10 @@ def eval_prompt_sets(c, data: Data) -> dict[str, list[list[int]]]:
   """``{name: token-id prompts}``: each of ``eval.benchmarks`` (a fixed, evenly spread subset
   of ``eval.num_prompts``, under the target's chat template), else one set from
   ``eval.prompts_file`` or the held-out split."""
-  names = [n.strip() for n in c.eval.benchmarks.split(",") if n.strip()]
-  if not names:
+  if not c.eval.benchmarks.strip(", "):
     return {"prompts_file" if c.eval.prompts_file else "heldout": eval_prompts(c, data)}
-  out = {}
-  for name in names:
-    ids = benchmarks.benchmark_prompts(name, data.tokenizer, c.eval.num_prompts)
-    out[name] = [list(prompts.truncate_prompt([int(i) for i in p], c.eval.prompt_len,
-                                              c.eval.prompt_policy)) for p in ids]
-  return out
+  return benchmarks.prompt_sets(c.eval.benchmarks, data.tokenizer, c.eval.num_prompts,
+                                c.eval.prompt_len, c.eval.prompt_policy)
 
 
 def eval_prompts(c, data: Data) -> list[list[int]]:

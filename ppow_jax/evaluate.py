@@ -4,7 +4,9 @@ For each temperature and batch size, AR and every drafter decode the same prompt
 same compiled engine code; timed repeats are interleaved (AR, drafter 1, drafter 2, ..., then
 again: ``timing.interleaved``) so that machine noise hits all of them alike, and speedups use
 the median of the repeats. τ counts the bonus token: Σ committed / Σ verification calls over
-the whole set.
+the whole set. With a tree shape, every drafter is also evaluated with EAGLE-2 tree drafting
+(``tree_engine.TreeEngine``) in the same interleaved runs; each row says which drafting made it
+(``"drafting": "chain"`` or ``"tree"``; AR's rows are ``"chain"``).
 """
 
 from __future__ import annotations
@@ -15,24 +17,24 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from ppow_jax import engine, timing
+from ppow_jax import engine, timing, tree, tree_engine
 from ppow_jax.models import llama
 
 
-def _batches(prompts: list[list[int]], batch_size: int, min_length: int):
+def batches(prompts: list[list[int]], batch_size: int, min_length: int):
   """Full batches only (one shape, one compile); a remainder is left out of that batch size."""
   usable = len(prompts) // batch_size * batch_size
   return [engine.pad_prompts(prompts[i:i + batch_size], min_length=min_length)
           for i in range(0, usable, batch_size)]
 
 
-def _decode_all(eng: engine.Engine, tparams, dparams, batches, rng) -> list:
+def decode_all(eng: engine.Engine, tparams, dparams, batches, rng) -> list:
   """Every batch, dispatched back to back (the timed unit)."""
   return [eng.generate(tparams, dparams, p, l, rng) for p, l in batches]
 
 
-def _collect(outs: list) -> tuple[list, Any]:
-  """(new tokens per prompt, summed stats) of ``_decode_all``'s outputs."""
+def collect(outs: list) -> tuple[list, Any]:
+  """(new tokens per prompt, summed stats) of ``decode_all``'s outputs."""
   tokens, stats = [], None
   for out in outs:
     tokens += out.new_tokens()
@@ -52,74 +54,90 @@ def _merge(a: engine.Stats, b: engine.Stats) -> engine.Stats:
 def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
              prompts: list[list[int]], temperatures, batch_sizes, window: int,
              max_new_tokens: int, repeats: int, eos_ids: tuple = (), seed: int = 0,
-             log: Optional[Any] = print) -> list[dict]:
-  """Rows ``{temperature, drafter, batch_size, tau, ..., tokens_per_s, speedup}``.
+             log: Optional[Any] = print,
+             tree_shape: Optional[tree.TreeShape] = None) -> list[dict]:
+  """Rows ``{temperature, drafter, drafting, batch_size, tau, ..., tokens_per_s, speedup}``.
 
-  ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically.
+  ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically. With
+  ``tree_shape`` each drafter gets a second row, drafted as that tree.
   """
   min_len = max(len(p) for p in prompts)
+  draftings = ("chain", "tree") if tree_shape else ("chain",)
   rows = []
   for temperature in temperatures:
     dcfg = engine.DecodeConfig(window=window, temperature=float(temperature),
                                max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
     for bs in batch_sizes:
-      batches = _batches(prompts, bs, min_len)
+      batched = batches(prompts, bs, min_len)
       # drafters of one architecture share an engine, hence one compiled program
-      engines = {None: engine.Engine(target_cfg, None, dcfg)}
-      runs = {"ar": (engines[None], None)}
-      for name, (drafter, params) in drafters.items():
-        if drafter not in engines:
-          engines[drafter] = engine.Engine(target_cfg, drafter, dcfg)
-        runs[name] = (engines[drafter], params)
+      engines = {(None, "chain"): engine.Engine(target_cfg, None, dcfg)}
+      runs = {("ar", "chain"): (engines[None, "chain"], None)}
+      for drafting in draftings:
+        for name, (drafter, params) in drafters.items():
+          if (drafter, drafting) not in engines:
+            engines[drafter, drafting] = (
+                engine.Engine(target_cfg, drafter, dcfg) if drafting == "chain"
+                else tree_engine.TreeEngine(target_cfg, drafter, dcfg, tree_shape))
+          runs[name, drafting] = (engines[drafter, drafting], params)
       rng = jax.random.PRNGKey(seed)
       timed = timing.interleaved(
-          {name: (lambda eng=eng, params=params: _decode_all(eng, target_params, params,
-                                                            batches, rng))
-           for name, (eng, params) in runs.items()}, repeats)
+          {key: (lambda eng=eng, params=params: decode_all(eng, target_params, params,
+                                                          batched, rng))
+           for key, (eng, params) in runs.items()}, repeats)
       results = {}
-      for name in runs:
-        toks, stats = _collect(timed.first[name])
-        results[name] = {"times": timed.seconds[name], "tokens": toks, "stats": stats}
-      ar_tps = None
-      for name, res in results.items():
+      for key in runs:
+        toks, stats = collect(timed.first[key])
+        results[key] = {"times": timed.seconds[key], "tokens": toks, "stats": stats}
+      ar = results["ar", "chain"]
+      ar_tps = sum(len(t) for t in ar["tokens"]) / float(np.median(ar["times"]))
+      for (name, drafting), res in results.items():
         n_tokens = sum(len(t) for t in res["tokens"])
         tps = n_tokens / float(np.median(res["times"]))
-        ar_tps = tps if name == "ar" else ar_tps
         summary = res["stats"].summary()
-        row = {"temperature": float(temperature), "drafter": name, "batch_size": bs,
-               "window": 0 if name == "ar" else window, **summary,
+        row = {"temperature": float(temperature), "drafter": name, "drafting": drafting,
+               "batch_size": bs,
+               "window": 0 if name == "ar" else (window if drafting == "chain"
+                                                 else tree_shape.depth), **summary,
                "tokens_per_s": tps, "speedup": tps / ar_tps,
                "seconds_median": float(np.median(res["times"])),
                "seconds_all": res["times"], "new_tokens": n_tokens,
                "num_prompts": len(res["tokens"])}
+        if drafting == "tree":  # α̂ is by depth; the analytic fields are defined for chains
+          row["tree"] = [tree_shape.total_tokens, tree_shape.depth, tree_shape.top_k]
+          row["tau_analytic"] = None
+          row["alpha_expected"] = []
         if name == "ar":
           row["tau"] = row["tau_analytic"] = row["tau_per_prompt_mean"] = 1.0
           row["alpha"] = row["alpha_expected"] = []
         if temperature == 0:
-          row["greedy_matches_ar"] = res["tokens"] == results["ar"]["tokens"]
+          row["greedy_matches_ar"] = res["tokens"] == ar["tokens"]
         rows.append(row)
         if log:
-          log(f"[eval] T={temperature} batch={bs} {name:>10}: tau={row['tau']:.3f} "
-              f"tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
+          log(f"[eval] T={temperature} batch={bs} {name:>10} {drafting:>5}: "
+              f"tau={row['tau']:.3f} tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
   return rows
 
 
 def mean_rows(rows: list[dict]) -> list[dict]:
-  """Rows ``benchmark="mean"``: per (T, batch, drafter), the unweighted mean over benchmarks of
-  τ, speedup, tokens/s and α̂ by position (the paper's tables average benchmarks this way)."""
+  """Rows ``benchmark="mean"``: per (T, batch, drafter, drafting), the unweighted mean over
+  benchmarks of τ, speedup, tokens/s and α̂ by position (the paper's tables average benchmarks
+  this way)."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["temperature"], r["batch_size"], r["drafter"]), []).append(r)
+    key = (r["temperature"], r["batch_size"], r["drafter"], r.get("drafting", "chain"))
+    groups.setdefault(key, []).append(r)
   out = []
-  for (temperature, bs, name), group in groups.items():
+  for (temperature, bs, name, drafting), group in groups.items():
     row = {"benchmark": "mean", "temperature": temperature, "batch_size": bs, "drafter": name,
-           "window": group[0]["window"], "num_benchmarks": len(group)}
+           "drafting": drafting, "window": group[0]["window"], "num_benchmarks": len(group)}
+    if "tree" in group[0]:
+      row["tree"] = group[0]["tree"]
     for key in ("tau", "tau_analytic", "speedup", "tokens_per_s"):
-      row[key] = float(np.mean([g[key] for g in group]))
+      values = [g[key] for g in group]
+      row[key] = None if None in values else float(np.mean(values))
     width = min(len(g["alpha"]) for g in group)
     row["alpha"] = [float(np.mean([g["alpha"][i] for g in group])) for i in range(width)]
     if all("greedy_matches_ar" in g for g in group):
       row["greedy_matches_ar"] = all(g["greedy_matches_ar"] for g in group)
     out.append(row)
   return out
-

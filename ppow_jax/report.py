@@ -11,19 +11,49 @@ import numpy as np
 from ppow_jax import cli, layout
 
 
+def _num(x, fmt: str = ".3f") -> str:
+  return "–" if x is None else format(x, fmt)
+
+
+def _drafting(r: dict) -> str:
+  """"chain", or "tree" with its (total_tokens, depth, top_k)."""
+  return "tree " + "/".join(map(str, r["tree"])) if "tree" in r else r.get("drafting", "chain")
+
+
 def _table(rows: list[dict]) -> str:
-  head = ("| prompts | T | batch | drafter | τ | τ analytic | α̂ by position | tokens/s | "
-          "speedup | greedy = AR |\n|---|---|---|---|---|---|---|---|---|---|\n")
+  head = ("| prompts | T | batch | drafter | drafting | τ | τ analytic | "
+          "α̂ by position (depth) | tokens/s | speedup | greedy = AR |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in rows:
     alpha = ", ".join(f"{a:.2f}" for a in r.get("alpha", [])) or "–"
     same = r.get("greedy_matches_ar")
     lines.append(
         f"| {r.get('benchmark', '–')} | {r['temperature']:g} | {r['batch_size']} | "
-        f"{r['drafter']} | {r['tau']:.3f} | "
-        f"{r['tau_analytic']:.3f} | {alpha} | {r['tokens_per_s']:.1f} | "
+        f"{r['drafter']} | {_drafting(r)} | {r['tau']:.3f} | "
+        f"{_num(r['tau_analytic'])} | {alpha} | {r['tokens_per_s']:.1f} | "
         f"{r['speedup']:.2f}× | {'–' if same is None else ('yes' if same else 'NO')} |")
   return head + "\n".join(lines) + "\n"
+
+
+def _chain_vs_tree(rows: list[dict]) -> str:
+  """Each drafter's chain and tree rows side by side ("" when no tree was evaluated)."""
+  key = lambda r: (r.get("benchmark"), r["temperature"], r["batch_size"], r["drafter"])
+  chain = {key(r): r for r in rows if r.get("drafting", "chain") == "chain"}
+  lines = []
+  for t in rows:
+    c = chain.get(key(t)) if t.get("drafting") == "tree" else None
+    if c is not None:
+      lines.append(
+          f"| {t.get('benchmark', '–')} | {t['temperature']:g} | {t['batch_size']} | "
+          f"{t['drafter']} | {_drafting(t)} | {c['tau']:.3f} | {t['tau']:.3f} | "
+          f"{t['tau'] / c['tau']:.2f} | {c['speedup']:.2f}× | {t['speedup']:.2f}× | "
+          f"{t['tokens_per_s'] / c['tokens_per_s']:.2f} |")
+  if not lines:
+    return ""
+  return ("| prompts | T | batch | drafter | tree | chain τ | tree τ | tree ÷ chain τ | "
+          "chain speedup | tree speedup | tree ÷ chain tokens/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -31,6 +61,10 @@ def _read_jsonl(path: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _label(r: dict) -> str:
+  return r["drafter"] + (" (tree)" if r.get("drafting") == "tree" else "")
 
 
 def _plots(paths: layout.Layout, rows: list[dict]) -> list[str]:
@@ -45,10 +79,10 @@ def _plots(paths: layout.Layout, rows: list[dict]) -> list[str]:
   if spec:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     temps = sorted({r["temperature"] for r in spec})
-    names = list(dict.fromkeys(r["drafter"] for r in spec))
+    names = list(dict.fromkeys(_label(r) for r in spec))
     width = 0.8 / len(temps)
     for i, t in enumerate(temps):
-      vals = [next((r["tau"] for r in spec if r["drafter"] == n and r["temperature"] == t), 0)
+      vals = [next((r["tau"] for r in spec if _label(r) == n and r["temperature"] == t), 0)
               for n in names]
       ax.bar(np.arange(len(names)) + i * width, vals, width, label=f"T={t:g}")
     ax.set_xticks(np.arange(len(names)) + width * (len(temps) - 1) / 2, names)
@@ -64,8 +98,8 @@ def _plots(paths: layout.Layout, rows: list[dict]) -> list[str]:
     for r in spec:
       if r["alpha"]:
         ax.plot(np.arange(1, len(r["alpha"]) + 1), r["alpha"], marker="o",
-                label=f"{r['drafter']} T={r['temperature']:g}")
-    ax.set_xlabel("draft position")
+                label=f"{_label(r)} T={r['temperature']:g}")
+    ax.set_xlabel("draft position (tree: depth)")
     ax.set_ylabel("conditional acceptance α̂")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -108,6 +142,9 @@ def write(paths: layout.Layout, protocol: dict, hardware: dict, target: dict, ro
          f"Hardware: {hardware.get('device_kind')} × {hardware.get('num_devices')}, "
          f"{hardware.get('cpu_count')} CPUs, load {hardware.get('load_average')}", "",
          _table(rows), ""]
+  side_by_side = _chain_vs_tree(rows)
+  if side_by_side:
+    md += ["Chain and tree drafting, side by side (speedups vs AR):", "", side_by_side, ""]
   for name, info in training.items():  # the settings are in report.json
     md.append(f"- {name}: {json.dumps({k: v for k, v in info.items() if k != 'settings'})}")
   md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]

@@ -99,18 +99,22 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
     training.setdefault(n, paths.read_info(n))
   prompt_sets = datasets.eval_prompt_sets(c, data)
   eos = (data.tokenizer.eos_id,) if (c.eval.eos and data.tokenizer.eos_id is not None) else ()
+  tree_shape = settings.eval_tree(c)
   rows = []
   for bench, prompts in prompt_sets.items():
     print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)
     rows += [{"benchmark": bench, **row} for row in evaluate.evaluate(
         target_cfg, target_params, evaluated, prompts, c.eval.temperatures, c.eval.batch_sizes,
-        settings.eval_window(c), c.eval.max_new_tokens, c.eval.repeats, eos, c.seed)]
+        settings.eval_window(c), c.eval.max_new_tokens, c.eval.repeats, eos, c.seed,
+        tree_shape=tree_shape)]
   if len(prompt_sets) > 1:
     rows += evaluate.mean_rows(rows)
   ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
               "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",
               "window": settings.eval_window(c), "max_new_tokens": c.eval.max_new_tokens,
+              "drafting": ["chain", "tree"] if tree_shape else ["chain"],
+              "tree": list(c.eval.tree) if tree_shape else [],
               "num_prompts": {b: len(p) for b, p in prompt_sets.items()},
               "temperatures": list(c.eval.temperatures),
               "batch_sizes": list(c.eval.batch_sizes), "gamma": ppow_gamma,

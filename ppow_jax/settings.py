@@ -14,7 +14,7 @@ import fnmatch
 import math
 from typing import Any, Callable, Optional, Union
 
-from ppow_jax import rollout, stages, train_step
+from ppow_jax import rollout, stages, train_step, tree
 from ppow_jax.data import benchmarks
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama, presets
@@ -47,6 +47,20 @@ def ppow(c, gamma: float) -> rollout.PPOWConfig:
 def eval_window(c) -> int:
   """K at evaluation: ``eval.window``, or PPOW's training window when it is -1 (one K)."""
   return c.ppow.window if c.eval.window == -1 else c.eval.window
+
+
+def eval_tree(c) -> Optional[tree.TreeShape]:
+  """The tree evaluated beside the chain (``eval.tree``), or None when it is off."""
+  t = tuple(c.eval.tree)
+  if not any(t):
+    return None
+  if len(t) != 3:
+    raise UserError(f"config.eval.tree={t}: expected (total_tokens, depth, top_k), or () for "
+                    f"chain drafting only")
+  try:
+    return tree.TreeShape(*t)
+  except UserError as e:
+    raise UserError(f"config.eval.tree={t}: {e}") from None
 
 
 # ---- Numeric rules -----------------------------------------------------------------------------
@@ -138,6 +152,7 @@ RULES: dict[str, Rule] = {
     "eval.max_new_tokens": _at_least(1),
     "eval.temperatures": _at_least(0),
     "eval.window": _at_least_or_minus_one(1),
+    "eval.tree": _at_least(0),
     "eval.batch_sizes": _at_least(1),
     "eval.repeats": _at_least(1),
     "mesh.ici_shape": _at_least_or_minus_one(1),
@@ -226,6 +241,7 @@ def validate(c) -> None:
     _one_of("eval.benchmarks", name, benchmarks.BENCHMARKS)
   if not c.eval.temperatures:
     raise UserError("config.eval.temperatures is empty")
+  eval_tree(c)
   # the typed views check their own choices (divergences, forms, selection, ...)
   baseline(c)
   ppow(c, max(c.ppow.gamma, 0.0))

@@ -51,6 +51,20 @@ class DecodeBenchTest(absltest.TestCase):
     tok = hf.load_tokenizer(os.path.join(tmp, "pair", "drafter"))
     self.assertEqual(tok.get_vocab_size(), target.cfg.vocab_size)
 
+  def test_prompt_sets_are_decoded_in_full_batches(self):
+    p = pairs.synthetic_pair(TINY)
+    opts = decode.BenchOptions(batch_sizes=(2,), window=2, max_new_tokens=5, repeats=1,
+                               gamma_calls=2, tree="4,2,2")
+    sets = {"a": [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]}
+    result = decode.run_benchmark(p.target_cfg, p.target_params, p.drafter, p.draft_params, opts,
+                                  "synthetic", p.description, sets)
+    r, = result["results"]
+    self.assertEqual((r["prompts"], r["num_prompts"]), ("a", 2))  # the third fills no batch
+    self.assertEqual(r["prompt_len"], 16)  # the longest prompt, padded as evaluate pads
+    self.assertEqual(r["new_tokens"], 2 * 5)
+    self.assertTrue(r["greedy_identical"])
+    self.assertTrue(r["tree"]["greedy_identical"])
+
 
 class CostCurveIdealTest(absltest.TestCase):
 

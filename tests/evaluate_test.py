@@ -32,6 +32,18 @@ class MeanRowsTest(absltest.TestCase):
     self.assertTrue(means["baseline"]["greedy_matches_ar"])
     self.assertAlmostEqual(means["baseline"]["tau"], 2.0)
 
+  def test_chain_and_tree_rows_are_averaged_apart(self):
+    rows = [_row(b, "ppow", tau, 1.0, [0.5]) for b, tau in (("humaneval", 2.0), ("chat", 1.0))]
+    rows += [{**_row(b, "ppow", tau, 1.2, [0.6, 0.3]), "drafting": "tree", "tree": [8, 4, 2],
+              "tau_analytic": None} for b, tau in (("humaneval", 3.0), ("chat", 2.0))]
+    means = {r["drafting"]: r for r in evaluate.mean_rows(rows)}
+    self.assertEqual(set(means), {"chain", "tree"})  # rows without the field are chain rows
+    self.assertAlmostEqual(means["chain"]["tau"], 1.5)
+    self.assertAlmostEqual(means["tree"]["tau"], 2.5)
+    self.assertEqual(means["tree"]["tree"], [8, 4, 2])
+    self.assertIsNone(means["tree"]["tau_analytic"])  # defined for chains only
+    self.assertNotIn("tree", means["chain"])
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -66,6 +66,7 @@ class MainPipelineTest(absltest.TestCase):
       self.assertGreater(row["tokens_per_s"], 0.0)
       if row["temperature"] == 0.0:
         self.assertTrue(row["greedy_matches_ar"], row)
+      self.assertEqual(row["drafting"], "chain")  # eval.tree is off
     self.assertTrue(np.isfinite(r["target"]["heldout_loss_nats"]))
     for name in ("report.md", "tau.png", "alpha_by_position.png", "ppow_training.png"):
       self.assertTrue(os.path.isfile(self.paths.path(name)), name)
@@ -134,6 +135,30 @@ class MainPipelineTest(absltest.TestCase):
     self.assertGreaterEqual(len(history), 2)
     self.assertEqual(history[0]["config"]["stages"], self.config.stages)
     self.assertEqual(history[-1]["config"]["stages"], "eval")
+
+  def test_eval_stage_with_trees_reports_chain_and_tree_side_by_side(self):
+    c = _smoke_config()
+    c.stages = "eval"
+    c.eval.tree = (4, 2, 2)
+    c.eval.temperatures = (0.0,)
+    run.run(c, self.workdir)
+    with open(self.paths.report_json) as f:
+      report = json.load(f)
+    rows = report["results"]
+    self.assertEqual({(r["drafter"], r["drafting"]) for r in rows},
+                     {("ar", "chain")} | {(n, d) for n in ("baseline", "ppow", "continued")
+                                          for d in ("chain", "tree")})
+    for row in rows:
+      self.assertTrue(row["greedy_matches_ar"], row)  # T = 0: chain and tree output equal AR
+      if row["drafting"] == "tree":
+        self.assertEqual(row["tree"], [4, 2, 2])
+        self.assertBetween(row["tau"], 1.0, 3.0)  # at most depth + 1 tokens a round
+    self.assertEqual(report["protocol"]["drafting"], ["chain", "tree"])
+    with open(self.paths.report_md) as f:
+      md = f.read()
+    self.assertIn("| tree 4/2/2 |", md)
+    self.assertIn("tree ÷ chain τ", md)
+    self.assertEqual(md.count("| ppow | tree 4/2/2 |"), 2)  # the table and the side by side
 
   def test_missing_corpus_is_a_clear_error(self):
     c = _smoke_config()

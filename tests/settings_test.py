@@ -6,7 +6,7 @@ import os
 from absl.testing import absltest, parameterized
 import jax
 
-from ppow_jax import cli, rollout, settings, stages, train_step
+from ppow_jax import cli, rollout, settings, stages, train_step, tree
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +73,21 @@ class NumericSweepTest(parameterized.TestCase):
       settings.validate(c)
     c.eval.prompts_file = "prompts.jsonl"
     settings.validate(c)
+
+  def test_eval_tree_is_off_or_a_valid_shape(self):
+    c = cli.load_config(SMOKE)
+    for off in ((), (0, 0, 0)):
+      c.eval.tree = off
+      settings.validate(c)
+      self.assertIsNone(settings.eval_tree(c))
+    c.eval.tree = (8, 4, 2)
+    settings.validate(c)
+    self.assertEqual(settings.eval_tree(c), tree.TreeShape(8, 4, 2))
+    for bad, message in (((8, 4), "expected"), ((8, 0, 2), "depth must be >= 1"),
+                         ((40, 2, 2), "exceeds the 6 candidates"), ((8, -4, 2), ">= 0")):
+      c.eval.tree = bad
+      with self.assertRaisesRegex(UserError, r"config\.eval\.tree=.*" + message):
+        settings.validate(c)
 
 
 class ViewsTest(absltest.TestCase):

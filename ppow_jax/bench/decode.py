@@ -12,6 +12,8 @@ include the prompt pass. The measured speedup is set against two ideals (docs/pr
 verification cost curve are measured by ``ppow_jax/gamma.py`` (each call jitted on its own,
 looped inside one compiled program).
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
+``--benchmarks=humaneval,chat`` decodes the evaluation's prompt sets (``--num_prompts`` each, in
+full batches, stopping at EOS) instead of random prompts; each set has its own results.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from absl import flags
 import jax
 import numpy as np
 
-from ppow_jax import cli, drafters, engine, timing, tree, tree_engine
+from ppow_jax import cli, drafters, engine, evaluate, timing, tree, tree_engine
 from ppow_jax.bench import pairs
+from ppow_jax.data import benchmarks
+from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.gamma import measure_gamma, random_prompts, verify_cost_curve
@@ -50,7 +54,11 @@ def define_flags() -> None:
   flags.DEFINE_string("save_pair", None, "Also write the synthetic pair here (HF layout).")
   flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes, measured side by side.")
   flags.DEFINE_integer("repeats", 3, "Timed runs per engine (after one compile run).")
-  flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row (random ids, rows differ).")
+  flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row (random ids, rows differ); "
+                       "with --benchmarks the most per prompt (longer ones keep their end).")
+  flags.DEFINE_string("benchmarks", "", "Comma-separated evaluation prompt sets (humaneval, "
+                      "chat) instead of random prompts; needs --pair=hf; stops at EOS.")
+  flags.DEFINE_integer("num_prompts", 6, "--benchmarks: prompts per set (evenly spread).")
   flags.DEFINE_integer("gamma_calls", 20, "Calls per timed loop when measuring γ and costs.")
   flags.DEFINE_integer("synthetic_layers", 8, "Synthetic target: layers.")
   flags.DEFINE_integer("synthetic_hidden", 256, "Synthetic target: hidden size.")
@@ -70,6 +78,8 @@ class BenchOptions:
   gamma_calls: int = 20
   seed: int = 0
   tree: str = ""  # "TOTAL,DEPTH,TOPK": also time tree drafting ("": chain only)
+  benchmarks: str = ""  # comma-separated prompt sets (data/benchmarks.py); "": random prompts
+  num_prompts: int = 6  # per benchmark, evenly spread
 
 
 # ----------------------------------------------------------------------------- engine runs
@@ -88,11 +98,21 @@ def cost_curve_ideal(tau: float, t_one: float, t_verify: float, t_draft: float,
 
 
 
+def _rounds_of_longest_rows(outs: list) -> int:
+  """Loop iterations: each batch's loop runs until its longest row is done."""
+  return sum(int(np.max(np.asarray(o.stats.verify_calls_B))) for o in outs)
+
+
 def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch: int,
-                opts: BenchOptions) -> dict:
-  """AR and speculative tokens/s at one batch size, γ, the cost curve, and the speedups."""
+                opts: BenchOptions, prompts: list[list[int]] | None = None,
+                eos_ids: tuple = ()) -> dict:
+  """AR and speculative tokens/s at one batch size, γ, the cost curve, and the speedups.
+
+  ``prompts``: token-id prompts decoded in full batches of ``batch`` (a remainder is left out);
+  None: one batch of random prompts of ``opts.prompt_len`` tokens.
+  """
   k = opts.window
-  cfg = engine.DecodeConfig(window=k, max_new_tokens=opts.max_new_tokens, eos_ids=())
+  cfg = engine.DecodeConfig(window=k, max_new_tokens=opts.max_new_tokens, eos_ids=eos_ids)
   engines = {"ar": engine.Engine(target_cfg, None, cfg),
              "spec": engine.Engine(target_cfg, drafter, cfg)}
   params = {"ar": None, "spec": draft_params}
@@ -100,21 +120,28 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
     engines["tree"] = tree_engine.TreeEngine(target_cfg, drafter, cfg,
                                              tree.TreeShape.parse(opts.tree))
     params["tree"] = draft_params
-  prompts = random_prompts(target_cfg.vocab_size, batch, opts.prompt_len, opts.seed + batch)
-  lens = np.full((batch,), opts.prompt_len, np.int32)
+  if prompts is None:
+    batches = [(random_prompts(target_cfg.vocab_size, batch, opts.prompt_len, opts.seed + batch),
+                np.full((batch,), opts.prompt_len, np.int32))]
+  else:
+    batches = evaluate.batches(prompts, batch, max(map(len, prompts)))
+    if not batches:
+      raise UserError(f"batch size {batch} exceeds the {len(prompts)} prompts")
+  prompt_len = batches[0][0].shape[1]
   rng = jax.random.PRNGKey(opts.seed)
   timed = timing.interleaved(
-      {name: (lambda name=name: engines[name].generate(target_params, params[name], prompts,
-                                                      lens, rng)) for name in engines},
+      {name: (lambda name=name: evaluate.decode_all(engines[name], target_params, params[name],
+                                                   batches, rng)) for name in engines},
       opts.repeats, alternate=True)
   compile_s, outs, secs = timed.first_seconds, timed.last or timed.first, timed.seconds
-  new = {name: out.new_tokens() for name, out in outs.items()}
+  collected = {name: evaluate.collect(out) for name, out in outs.items()}
+  new = {name: toks for name, (toks, _) in collected.items()}
   n_tokens = sum(map(len, new["spec"]))
   tps = {name: sum(map(len, new[name])) / float(np.median(s)) for name, s in secs.items()}
-  stats = outs["spec"].stats.summary()
+  stats = collected["spec"][1].summary()
 
-  cache_len = engines["spec"].cache_length(opts.prompt_len)
-  context_len = opts.prompt_len + opts.max_new_tokens // 2
+  cache_len = engines["spec"].cache_length(prompt_len)
+  context_len = prompt_len + opts.max_new_tokens // 2
   gamma = measure_gamma(target_cfg, target_params, drafter, draft_params, k, batch, context_len,
                         cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
   curve = verify_cost_curve(target_cfg, target_params, batch, context_len, k + 1,
@@ -124,21 +151,22 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   ideal_cc = cost_curve_ideal(tau, curve[0]["seconds"], gamma["verify_s"],
                               gamma["draft_step_s"], k)
   measured = tps["spec"] / tps["ar"]
-  rounds = stats["verify_calls"] / batch  # mean rounds per row; the loop runs the longest
-  rounds_max = int(np.max(np.asarray(outs["spec"].stats.verify_calls_B)))
-  ar_steps = int(np.max(np.asarray(outs["ar"].stats.verify_calls_B)))
+  rows = len(new["spec"])
+  rounds = stats["verify_calls"] / rows  # mean rounds per row; the loop runs the longest
+  rounds_max = _rounds_of_longest_rows(outs["spec"])
+  ar_steps = _rounds_of_longest_rows(outs["ar"])
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
   tree_result = {}
   if opts.tree:
-    tstats = outs["tree"].stats.summary()
+    tstats = collected["tree"][1].summary()
     tree_result = {"tree": {
         "shape": opts.tree, "tokens_per_s": tps["tree"], "seconds": secs["tree"],
         "tau": tstats["tau"], "verify_calls": tstats["verify_calls"],
         "alpha_by_depth": tstats["alpha"], "greedy_identical": new["ar"] == new["tree"],
         "speedup_vs_ar": tps["tree"] / tps["ar"], "speedup_vs_chain": tps["tree"] / tps["spec"]}}
   return {**tree_result,
-      "batch": batch, "new_tokens": n_tokens,
+      "batch": batch, "num_prompts": rows, "prompt_len": prompt_len, "new_tokens": n_tokens,
       "ar_tokens_per_s": tps["ar"], "spec_tokens_per_s": tps["spec"],
       "ar_seconds": secs["ar"], "spec_seconds": secs["spec"], "compile_and_first_run_s": compile_s,
       "greedy_identical": new["ar"] == new["spec"],
@@ -165,8 +193,11 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
 
 
 def run_benchmark(target_cfg, target_params, drafter: Drafter, draft_params,
-                  opts: BenchOptions, pair: str, description: str) -> dict:
-  """Everything for all batch sizes; the load average is recorded before and after."""
+                  opts: BenchOptions, pair: str, description: str,
+                  prompt_sets: dict[str, list[list[int]]] | None = None,
+                  eos_ids: tuple = ()) -> dict:
+  """Everything for every prompt set (``{name: token-id prompts}``; None: random prompts) and
+  batch size; the load average is recorded before and after."""
   if opts.window < 1 or opts.repeats < 1 or opts.max_new_tokens < 2:
     raise UserError("need window >= 1, repeats >= 1, max_new_tokens >= 2")
   if opts.tree:
@@ -174,19 +205,22 @@ def run_benchmark(target_cfg, target_params, drafter: Drafter, draft_params,
   result = {"pair": pair, "pair_description": description, "options": dataclasses.asdict(opts),
             "temperature": 0.0, "machine": timing.machine_info(),
             "target": dataclasses.asdict(target_cfg), "drafter": type(drafter).__name__,
-            "results": []}
-  for batch in opts.batch_sizes:
-    result["results"].append(bench_batch(target_cfg, target_params, drafter, draft_params,
-                                         batch, opts))
+            "eos_ids": list(eos_ids), "results": []}
+  for name, prompts in (prompt_sets or {"random": None}).items():
+    for batch in opts.batch_sizes:
+      r = bench_batch(target_cfg, target_params, drafter, draft_params, batch, opts, prompts,
+                      eos_ids)
+      result["results"].append({"prompts": name, **r})
   result["load_avg_end_1_5_15"] = list(os.getloadavg())
   return result
 
 
 def format_table(result: dict) -> str:
-  rows = [("batch", "AR tok/s", "spec tok/s", "τ", "τ_an", "γ", "τ/(1+Kγ)", "ideal_cc",
-           "measured", "meas/ideal", "meas/ideal_cc", "same")]
+  rows = [("prompts", "batch", "AR tok/s", "spec tok/s", "τ", "τ_an", "γ", "τ/(1+Kγ)",
+           "ideal_cc", "measured", "meas/ideal", "meas/ideal_cc", "same")]
   for r in result["results"]:
-    rows.append((str(r["batch"]), f"{r['ar_tokens_per_s']:.1f}", f"{r['spec_tokens_per_s']:.1f}",
+    rows.append((r["prompts"], str(r["batch"]), f"{r['ar_tokens_per_s']:.1f}",
+                 f"{r['spec_tokens_per_s']:.1f}",
                  f"{r['tau']:.2f}", f"{r['tau_analytic']:.2f}", f"{r['gamma']:.3f}",
                  f"{r['ideal_speedup']:.2f}x", f"{r['ideal_cost_curve_speedup']:.2f}x",
                  f"{r['measured_speedup']:.2f}x", f"{r['measured_over_ideal']:.2f}",
@@ -195,7 +229,7 @@ def format_table(result: dict) -> str:
   lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
   for r in result["results"]:
     g = r["gamma_detail"]
-    lines.append(f"batch {r['batch']}: α by position {r['alpha']}")
+    lines.append(f"{r['prompts']}, batch {r['batch']}: α by position {r['alpha']}")
     lines.append(f"  drafter step {g['draft_step_s'] * 1e3:.3f} ms (window call "
                  f"{g['draft_window_s'] * 1e3:.3f} ms, 1-token call {g['draft_one_s'] * 1e3:.3f} "
                  f"ms); verify(K+1) {g['verify_s'] * 1e3:.3f} ms; target 1-token "
@@ -228,6 +262,7 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
               save_pair: str = "", output_json: str = "") -> dict:
   """The whole benchmark of ``kind`` "hf" (``target``/``drafter`` directories) or "synthetic"
   (``spec``); prints the table, optionally writes the pair and the JSON."""
+  prompt_sets, eos_ids = None, ()
   if kind == "hf":
     if not target or drafter.lower() == "none":
       raise UserError("--pair=hf needs --target and --drafter")
@@ -235,7 +270,14 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
     target_cfg = model.cfg
     draft, draft_params = drafters.load(drafter, target_cfg, dtype)
     description = f"target {target}, drafter {drafter}"
+    if opts.benchmarks:  # the evaluation's prompt sets, under the target's chat template
+      tok = tokenizer_lib.load(gguf_convert.resolve(target))
+      prompt_sets = benchmarks.prompt_sets(opts.benchmarks, tok, opts.num_prompts,
+                                           opts.prompt_len)
+      eos_ids = () if tok.eos_id is None else (tok.eos_id,)
   else:
+    if opts.benchmarks:
+      raise UserError("--benchmarks needs --pair=hf (a target with a chat template)")
     p = pairs.synthetic_pair(spec)
     target_cfg, target_params, draft, draft_params = (p.target_cfg, p.target_params,
                                                       p.drafter, p.draft_params)
@@ -244,7 +286,7 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
       paths = pairs.save_pair(p, save_pair, overwrite=True)
       print(f"saved the pair to {paths}", file=sys.stderr)
   result = run_benchmark(target_cfg, target_params, draft, draft_params, opts, kind,
-                         description)
+                         description, prompt_sets, eos_ids)
   return cli.emit(result, "ppow_jax.bench.decode", format_table(result), output_json)
 
 
@@ -258,7 +300,8 @@ def run(argv) -> dict:
   opts = BenchOptions(batch_sizes=batch_sizes, window=FLAGS.window,
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
                       repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
-                      tree=FLAGS.tree or "")
+                      tree=FLAGS.tree or "", benchmarks=FLAGS.benchmarks,
+                      num_prompts=FLAGS.num_prompts)
   spec = pairs.SyntheticSpec(
       num_layers=FLAGS.synthetic_layers, hidden_size=FLAGS.synthetic_hidden,
       intermediate_size=FLAGS.synthetic_intermediate, vocab_size=FLAGS.synthetic_vocab,

@@ -80,3 +80,14 @@ def benchmark_prompts(name: str, tokenizer: tokenizer_lib.TokenizerInfo,
   assistant header so the model speaks next."""
   return [tokenizer_lib.apply_chat_template(turns, tokenizer, add_generation_prompt=True)
           .ids.tolist() for turns in benchmark_turns(name, n)]
+
+
+def prompt_sets(names: str, tokenizer: tokenizer_lib.TokenizerInfo, n: Optional[int],
+                max_len: int, policy: str = "truncate_left") -> dict[str, list[list[int]]]:
+  """``{name: token-id prompts}`` for comma-separated ``names``: ``benchmark_prompts`` of each,
+  fitted into ``max_len`` tokens (``prompts.truncate_prompt``'s ``policy``)."""
+  out = {}
+  for name in filter(None, (s.strip() for s in names.split(","))):
+    out[name] = [prompts_lib.truncate_prompt(ids, max_len, policy, name=f"{name}[{i}]")
+                 for i, ids in enumerate(benchmark_prompts(name, tokenizer, n))]
+  return out
