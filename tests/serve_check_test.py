@@ -7,6 +7,8 @@ $PPOW_LLAMACPP_DIR; without it that test is skipped and the parsing/accounting t
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -73,6 +75,19 @@ class ParsingTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as d:
       with self.assertRaisesRegex(UserError, "llama-speculative-simple.*build_llamacpp.sh"):
         serve_check.find_llamacpp(d)
+
+  def test_command_line_reads_its_own_flags(self):
+    # run as a user would: every flag the command reads is its own; a missing build is one
+    # line naming what is missing, exit status 2
+    missing = tempfile.mkdtemp()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppow_jax.bench.serve_check", "--target=t", "--drafter=d",
+         "--window=3", "--max_new_tokens=8", "--threads=1", "--output_json=o.json",
+         f"--llamacpp_dir={missing}"], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    os.rmdir(missing)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn(f"llama.cpp at {missing} lacks", proc.stderr.strip().splitlines()[-1])
 
   def test_content_stamp_follows_the_file(self):
     with tempfile.TemporaryDirectory() as d:

@@ -24,8 +24,7 @@ Converted files are cached by content stamp under ``--cache_dir``, outside the r
 Prompts: ``--prompts_file`` (JSONL, docs/protocol.md) or built-in questions, rendered with the
 target's chat template when it has one; llama.cpp tokenizes the same text itself, and the run
 stops with an error when its echo of the prompt differs from ours (different prompt ids).
-Shared flags (``--target --drafter --window --max_new_tokens --output_json --threads``) are
-those of ``ppow_jax.generate`` and ``ppow_jax.bench.peers``.
+Flags: ``--help``.
 """
 
 from __future__ import annotations
@@ -50,6 +49,13 @@ from ppow_jax.errors import UserError
 from ppow_jax.models import hf
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("target", None, "Target: a Hugging Face model directory (our engine reads "
+                    "it; the converter takes the tokenizer and config from it).")
+flags.DEFINE_string("drafter", None, "EAGLE-3 drafter directory exported by this project.")
+flags.DEFINE_integer("window", 5, "K: draft tokens per verification, in both engines.")
+flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.")
+flags.DEFINE_integer("threads", 0, "CPU threads for llama.cpp (0: all cores).")
+flags.DEFINE_string("output_json", None, "Write the result here as JSON.")
 flags.DEFINE_string("llamacpp_dir", None, "llama.cpp built by launch/build_llamacpp.sh "
                     "(default: $PPOW_LLAMACPP_DIR).")
 flags.DEFINE_string("target_gguf", None, "GGUF of the target (any type; made f32 with "
