@@ -17,9 +17,8 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
-import numpy as np
 
-from ppow_jax import cli, feature_cache, layout, self_instruct, sharding
+from ppow_jax import feature_cache, layout, self_instruct, sharding
 from ppow_jax.data import benchmarks, builders, instructions, pipeline, prompts
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError

@@ -41,28 +41,33 @@ from typing import Optional
 from absl import app, flags
 import jax
 
-from ppow_jax import cli, drafters, engine
-from ppow_jax.bench import decode, peers
+from ppow_jax import cli, drafters, engine, timing
+from ppow_jax.bench import peers
 from ppow_jax.data import prompts as prompts_lib
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import hf
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("target", None, "Target: a Hugging Face model directory (our engine reads "
-                    "it; the converter takes the tokenizer and config from it).")
-flags.DEFINE_string("drafter", None, "EAGLE-3 drafter directory exported by this project.")
-flags.DEFINE_integer("window", 5, "K: draft tokens per verification, in both engines.")
-flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.")
-flags.DEFINE_integer("threads", 0, "CPU threads for llama.cpp (0: all cores).")
-flags.DEFINE_string("output_json", None, "Write the result here as JSON.")
-flags.DEFINE_string("llamacpp_dir", None, "llama.cpp built by launch/build_llamacpp.sh "
-                    "(default: $PPOW_LLAMACPP_DIR).")
-flags.DEFINE_string("target_gguf", None, "GGUF of the target (any type; made f32 with "
-                    "llama-quantize). Default: convert --target to f32.")
-flags.DEFINE_string("prompts_file", None, "JSONL prompts (prompt / conversations / messages).")
-flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first N).")
-flags.DEFINE_string("cache_dir", None, "Converted GGUFs (default ~/.cache/ppow_jax/serve_check).")
+
+
+def define_flags() -> None:
+  """This tool's flags (defined when it runs, so that importing it defines none)."""
+  flags.DEFINE_string("target", None, "Target: a Hugging Face model directory (our engine reads "
+                      "it; the converter takes the tokenizer and config from it).")
+  flags.DEFINE_string("drafter", None, "EAGLE-3 drafter directory exported by this project.")
+  flags.DEFINE_integer("window", 5, "K: draft tokens per verification, in both engines.")
+  flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.")
+  flags.DEFINE_integer("threads", 0, "CPU threads for llama.cpp (0: all cores).")
+  flags.DEFINE_string("output_json", None, "Write the result here as JSON.")
+  flags.DEFINE_string("llamacpp_dir", None, "llama.cpp built by launch/build_llamacpp.sh "
+                      "(default: $PPOW_LLAMACPP_DIR).")
+  flags.DEFINE_string("target_gguf", None, "GGUF of the target (any type; made f32 with "
+                      "llama-quantize). Default: convert --target to f32.")
+  flags.DEFINE_string("prompts_file", None, "JSONL prompts (prompt / conversations / messages).")
+  flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first N).")
+  flags.DEFINE_string("cache_dir", None, "Converted GGUFs (default ~/.cache/ppow_jax/serve_check).")
+
 
 ENV_DIR = "PPOW_LLAMACPP_DIR"
 BUILD_HINT = "build it with: bash launch/build_llamacpp.sh DIR, then pass DIR"
@@ -318,7 +323,7 @@ def run_check(lc: LlamaCpp, target_dir: str, drafter_dir: str, *, window: int = 
                                  lc_run["text"].rstrip().startswith(reference.rstrip())}})
   return {"target": target_dir, "target_gguf_f32": tgt_gguf, "drafter": drafter_dir,
           "drafter_gguf": dft_gguf, "window": window, "max_new_tokens": max_new,
-          "threads": threads, "eos_ids": list(eos), "machine": decode.machine_info(),
+          "threads": threads, "eos_ids": list(eos), "machine": timing.machine_info(),
           "totals": totals(records), "prompts": records}
 
 
@@ -380,4 +385,5 @@ def run(argv_unused=None) -> dict:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(cli.main_for(run))
