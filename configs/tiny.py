@@ -12,6 +12,8 @@ degenerate, so its τ and speedups exercise the code, not the method: the real-m
 Variants (``configs/tiny.py:<variant>``):
   (none)  about 15 minutes on 2 CPU cores;
   smoke   the same pipeline at toy sizes, for the end-to-end test (seconds to a minute);
+  sharded (with smoke) on 8 devices, data 2 x fsdp 2 x tensor 2, the drafter split too: one
+          process with 8 fake CPU devices, or launch/local_multiprocess.sh 2 (4 each);
   lm      an independent small-LM drafter instead of EAGLE-3.
 """
 
@@ -25,7 +27,7 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-  v = common.parse_arg(arg, smoke=False, lm=False)
+  v = common.parse_arg(arg, smoke=False, lm=False, sharded=False)
   c = common.base_config()
   if v.lm:
     c.drafter.kind = "lm"
@@ -61,4 +63,12 @@ def get_config(arg=None):
     c.checkpoint.eval_prompts = 2
     c.mesh.num_devices = 1  # toy batches do not divide a fake 8-device mesh
     c.log_every = 1
+  if v.sharded:
+    if not v.smoke:
+      raise ValueError("config variant 'sharded' goes with 'smoke' (configs/tiny.py:smoke,sharded)")
+    c.mesh.num_devices = -1
+    c.mesh.ici_shape = (2, 2, 2)  # batches split over data x fsdp = 4, weights over tensor
+    c.sharding.drafter_params = "fsdp"
+    c.target.num_kv_heads = 2  # KV heads split over tensor
+    c.target.pretrain_batch_size = c.baseline.batch_size = c.ppow.batch_size = 4
   return c

@@ -106,31 +106,32 @@ def _tokenizer(c, paths: layout.Layout, train: Sequence[Any], kind: str
   texts = (document_text(train[i * stride], kind) for i in range(n))
   logging.info("training a %d-token BPE on %d documents", c.data.tokenizer_vocab_size, n)
   tok = tokenizer_lib.train_bpe(texts, c.data.tokenizer_vocab_size)
-  if sharding.is_primary():
-    tmp = tok_dir + ".tmp"
-    tokenizer_lib.save(tok, tmp)
-    if not os.path.exists(tok_dir):  # another host may have written it first
-      os.replace(tmp, tok_dir)
-  return tokenizer_lib.load(tok_dir) if os.path.isdir(tok_dir) else tokenizer_lib.as_info(tok)
+  tmp = tok_dir + ".tmp"  # only process 0 gets here (``load``: the others find its BPE)
+  tokenizer_lib.save(tok, tmp)
+  os.replace(tmp, tok_dir)
+  return tokenizer_lib.load(tok_dir)
 
 
 def load(c, paths: layout.Layout) -> Data:
-  splits, kind, description = _sources(c, paths)
-  if "train" not in splits or len(splits["train"]) == 0:
-    raise UserError(f"{description}: the train split is empty")
-  heldout = splits.get("heldout") or splits.get("test") or splits.get("validation") or []
-  tok = _tokenizer(c, paths, splits["train"], kind)
+  """The sources and the tokenizer. Process 0 prepares what is written to the workdir (TFDS
+  files, the BPE) before the other processes read it."""
+  with sharding.primary_first("data prepared"):
+    splits, kind, description = _sources(c, paths)
+    if "train" not in splits or len(splits["train"]) == 0:
+      raise UserError(f"{description}: the train split is empty")
+    heldout = splits.get("heldout") or splits.get("test") or splits.get("validation") or []
+    tok = _tokenizer(c, paths, splits["train"], kind)
   return Data(splits["train"], heldout, tok, kind, description)
 
 
 def train_iterator(data: Data, seq_len: int, global_batch: int, seed: int
                    ) -> pipeline.TrainIterator:
-  """This host's share of the global batch (big_vision: each host reads its own shard)."""
-  count = jax.process_count()
-  if global_batch % count:
-    raise UserError(f"batch size {global_batch} is not divisible by the {count} hosts")
-  return pipeline.make_train_iterator(data.train, data.tokenizer, seq_len, global_batch // count,
-                                      seed, jax.process_index(), count, num_threads=0)
+  """The global batches, the same on every host: tokenising and packing is cheap next to a
+  step, and so the stream (hence the run) does not depend on the number of hosts, and one
+  iterator state, saved by process 0, resumes every host. Each host places only its own rows
+  on its devices (``Parallel.place_batch``)."""
+  return pipeline.make_train_iterator(data.train, data.tokenizer, seq_len, global_batch, seed,
+                                      num_threads=0)
 
 
 def eval_prompt_sets(c, data: Data) -> dict[str, list[list[int]]]:

@@ -70,8 +70,11 @@ def _token_counts(data: datasets.Data, vocab_size: int, docs: int = 2000) -> np.
 
 
 def export(drafter, params, out_dir: str, tokenizer: tokenizer_lib.TokenizerInfo) -> None:
-  """Atomic export (each writer validates keys/shapes before writing anything)."""
-  params = jax.device_get(params)
+  """Atomic export (each writer validates keys/shapes before writing anything). Every process
+  calls it (the parameters may be split over all of them); process 0 writes."""
+  params = sharding.to_host(params)
+  if not sharding.is_primary():
+    return
   if isinstance(drafter, drafters.Eagle3FeatureDrafter):
     eagle3_io.save_eagle3(out_dir, drafter.cfg, params["net"], params["vocab"])
   else:
@@ -117,8 +120,8 @@ def _feature_training(c, paths: layout.Layout, target_cfg: llama.ModelConfig, ta
                               drafter.target_hidden_layers, c.baseline.feature_dtype)
   step = feature_training.make_step(drafter, settings.baseline(c), optimizer,
                                     c.baseline.support_only)
-  structure = next(feature_cache.CachedIterator(cache, batch // jax.process_count(), 0))
-  return (step, feature_cache.CachedIterator(cache, batch, seed),
+  structure = next(feature_cache.CachedIterator(cache, batch, 0))
+  return (step, feature_cache.CachedIterator(cache, batch, seed, lazy=True),
           feature_training.constants(drafter, vocab, target_params), structure)
 
 
@@ -165,7 +168,7 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
     step_constants = par.place_replicated(step_constants)
   else:
     it = datasets.train_iterator(data, c.data.seq_len, batch, seed)
-    structure = parallel.batch_structure(batch // jax.process_count(), c.data.seq_len)
+    structure = parallel.batch_structure(batch, c.data.seq_len)
   jitted = par.jit_train_step(step, state, target_params, step_constants, structure)
   writer = MetricWriter(paths.tensorboard(name))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
@@ -180,7 +183,8 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
   info = {"stage": name, "steps": steps, "batch_size": batch, "sequences": steps * batch,
           "iterator_seed": seed, **{key: totals[key] for key in trainer.COUNTED},
           "train_seconds": totals["seconds"], "gamma": gamma, "settings": recorded}
+  export(drafter, params, out_dir, data.tokenizer)
   if sharding.is_primary():
-    export(drafter, params, out_dir, data.tokenizer)
     cli.write_json(paths.info(name), info)
+  sharding.sync(f"{name} exported")  # the others may read the export next
   return params, info

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import acceptance, sampling
+from ppow_jax import acceptance, sampling, sharding
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
@@ -71,7 +71,7 @@ class Stats:
 
   def summary(self) -> dict:
     """Host-side metrics of docs/protocol.md: τ, analytic τ, α̂ by position, per-prompt τ."""
-    s = jax.tree_util.tree_map(np.asarray, self)
+    s = sharding.to_host(self)  # whole on every process, wherever the rows were
     calls = int(s.verify_calls_B.sum())
     per_row = s.committed_B / np.maximum(s.verify_calls_B, 1)
     return {
@@ -98,7 +98,7 @@ class GenerateOutput:
   stats: Stats
 
   def new_tokens(self) -> list[list[int]]:
-    toks, p, n = (np.asarray(x) for x in (self.tokens_BxN, self.prompt_len_B, self.length_B))
+    toks, p, n = sharding.to_host((self.tokens_BxN, self.prompt_len_B, self.length_B))
     return [toks[b, p[b]:n[b]].tolist() for b in range(toks.shape[0])]
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from ppow_jax import engine, timing, tree, tree_engine
+from ppow_jax import engine, sharding, timing, tree, tree_engine
 from ppow_jax.models import llama
 
 
@@ -38,7 +38,7 @@ def collect(outs: list) -> tuple[list, Any]:
   tokens, stats = [], None
   for out in outs:
     tokens += out.new_tokens()
-    st = jax.tree_util.tree_map(np.asarray, out.stats)
+    st = sharding.to_host(out.stats)
     stats = st if stats is None else _merge(stats, st)
   return tokens, stats
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cli
+from ppow_jax import cli, sharding
 from ppow_jax.data import pipeline
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
@@ -74,7 +74,7 @@ def digest(*parts: Any, target_params=None) -> str:
     h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
              else json.dumps(part, sort_keys=True, default=str).encode())
   for leaf in jax.tree_util.tree_leaves(target_params):
-    h.update(np.ascontiguousarray(np.asarray(leaf).ravel()[::997]).tobytes())
+    h.update(sharding.strided_sample(leaf).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -110,9 +110,9 @@ def build(path: str, rows: dict[str, np.ndarray], target_cfg: llama.ModelConfig,
   for start in range(0, n, batch_size):
     chunk = rows["tokens"][start:start + batch_size]
     pad = batch_size - len(chunk)
-    feats = fn(target_params, np.pad(chunk, ((0, pad), (0, 0))))
+    feats = sharding.to_host(fn(target_params, np.pad(chunk, ((0, pad), (0, 0)))))
     for k, v in feats.items():
-      v = np.asarray(v)[:len(chunk)]
+      v = v[:len(chunk)]
       out[k].append(v.astype(np_dtype) if v.dtype.kind == "f" and k != "lse" else v)
     print(f"[features] {min(start + batch_size, n)}/{n} rows "
           f"({(start + len(chunk)) * t / (time.perf_counter() - t0):.0f} tokens/s)", flush=True)
@@ -120,14 +120,16 @@ def build(path: str, rows: dict[str, np.ndarray], target_cfg: llama.ModelConfig,
   big = max(float(np.abs(arrays["feats"]).max()), float(np.abs(arrays["final"]).max()))
   if not np.isfinite(big):
     raise UserError(f"target features overflow {dtype}; set the feature cache dtype to float32")
-  tmp = cli.staging_dir(path)
-  try:
-    for k in FIELDS:
-      np.save(os.path.join(tmp, k + ".npy"), arrays[k])
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  if sharding.is_primary():  # every process computed the features; process 0 writes them
+    tmp = cli.staging_dir(path)
+    try:
+      for k in FIELDS:
+        np.save(os.path.join(tmp, k + ".npy"), arrays[k])
+      os.rename(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  sharding.sync("feature cache written")
   logging.info("target features of %d x %d tokens cached in %s", n, t, path)
   return load(path)
 
@@ -139,12 +141,32 @@ def load(path: str) -> dict[str, np.ndarray]:
   return {k: np.load(os.path.join(path, k + ".npy"), mmap_mode="r") for k in FIELDS}
 
 
+class Rows:
+  """Rows of a (memory-mapped) array, read when indexed: placing a batch of them on the mesh
+  (``sharding.global_batch``) reads only the rows of this host's devices."""
+
+  def __init__(self, array: np.ndarray, rows: np.ndarray):
+    self._array, self._rows = array, rows
+    self.shape = (len(rows),) + tuple(array.shape[1:])
+    self.dtype = array.dtype
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    return np.asarray(self._array[self._rows[index[0]]])[(slice(None),) + index[1:]]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.asarray(self._array[self._rows])
+    return out if dtype is None else out.astype(dtype)
+
+
 class CachedIterator:
   """Shuffled batches of cached rows, a fresh permutation each epoch (seeded); the state is
-  two integers, so ``trainer.run`` resumes the exact stream."""
+  two integers, so ``trainer.run`` resumes the exact stream. ``lazy``: batches of ``Rows``,
+  read when placed, instead of numpy arrays."""
 
-  def __init__(self, cache: dict[str, np.ndarray], batch_size: int, seed: int):
-    self._cache, self._batch, self._seed = cache, batch_size, seed
+  def __init__(self, cache: dict[str, np.ndarray], batch_size: int, seed: int,
+               lazy: bool = False):
+    self._cache, self._batch, self._seed, self._lazy = cache, batch_size, seed, lazy
     self._n = len(cache["tokens"])
     if self._n < 1:
       raise UserError("the feature cache holds no rows")
@@ -165,6 +187,8 @@ class CachedIterator:
       if self._pos >= self._n:
         self._epoch, self._pos = self._epoch + 1, 0
     idx = np.sort(np.asarray(idx))  # memory-mapped reads in file order
+    if self._lazy:
+      return {BATCH_KEYS[k]: Rows(self._cache[k], idx) for k in FIELDS}
     return {BATCH_KEYS[k]: np.asarray(self._cache[k][idx]) for k in FIELDS}
 
   def get_state(self) -> dict:

@@ -133,7 +133,10 @@ class Parallel:
     """A TrainState of NamedShardings for ``state`` (concrete or abstract, e.g. for a
     checkpoint restore): params per ``drafter_params``, the optimizer state mirroring them,
     step, rng and PPOW's ADAW pool replicated."""
-    params = self.trainable_shardings(drafter)
+    return self._state_shardings(state, self.trainable_shardings(drafter))
+
+  def _state_shardings(self, state: train_step.TrainState, params: Any
+                       ) -> train_step.TrainState:
     opt = _mirror_params(state.opt_state, state.params, params, self.replicated)
     return state.replace(step=self.replicated, params=params, opt_state=opt,
                          rng=self.replicated,
@@ -158,25 +161,32 @@ class Parallel:
     """Drafter params and optimizer state FSDP-sharded or replicated (``drafter_params``)."""
     return jax.device_put(state, self.train_state_shardings(drafter, state))
 
+  def place_target_state(self, target_cfg: llama.ModelConfig, state: train_step.TrainState
+                         ) -> train_step.TrainState:
+    """The embedded target's pretraining state: parameters by the weight rules, the optimizer
+    state mirroring them, the rest replicated."""
+    return jax.device_put(state, self._state_shardings(state, self.target_shardings(target_cfg)))
+
   def place_replicated(self, tree: Any) -> Any:
     """Small constants (EAGLE-3's vocab maps, rng keys) whole on every device."""
     return jax.device_put(tree, self.replicated)
 
-  def place_batch(self, host_local_batch: Any) -> Any:
-    """Global arrays from this host's rows (one host: all rows), split over the batch axes.
+  def place_batch(self, batch: Any) -> Any:
+    """Global arrays from the global batch, split over the batch axes.
 
-    Each host passes its own rows (``datasets`` reads them); the global batch is their
-    concatenation in process order, as ``jax.make_array_from_process_local_data`` builds it.
+    Every host passes the same whole batch (``datasets`` reads the same stream on each), so a
+    run's batches do not depend on how many hosts it has; each host copies only the rows of
+    its own devices (``sharding.global_batch``).
     """
     def check(x):
-      rows = np.shape(x)[0] * jax.process_count()
+      rows = x.shape[0]
       if rows % self.batch_shards:
         raise UserError(f"global batch of {rows} rows does not divide over the "
                         f"{self.batch_shards} devices of the batch axes "
                         f"{tuple(self.batch_sharding.spec)[0]}; use a multiple of "
                         f"{self.batch_shards}")
-    jax.tree_util.tree_map(check, host_local_batch)
-    return sharding.global_batch(host_local_batch, self.mesh, self.batch_sharding.spec)
+    jax.tree_util.tree_map(check, batch, is_leaf=lambda x: hasattr(x, "shape"))
+    return sharding.global_batch(batch, self.mesh, self.batch_sharding.spec)
 
   # ---- Compiled calls ------------------------------------------------------------------------
 

@@ -120,13 +120,13 @@ def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
   steps, batch, optim_node, _ = stage.schedule(c)
   optimizer = train_step.make_optimizer(settings.optim(optim_node))
   par = par or parallel.Parallel.single_device(c)
-  params = par.place_target(cfg, llama.init_params(cfg, jax.random.PRNGKey(c.seed)))
-  state = train_step.init_state(params, optimizer, par.place_replicated(
-      jax.random.PRNGKey(c.seed + 1)))
+  params = llama.init_params(cfg, jax.random.PRNGKey(c.seed))
+  state = par.place_target_state(cfg, train_step.init_state(params, optimizer,
+                                                            jax.random.PRNGKey(c.seed + 1)))
   step, _ = _lm_step(cfg, optimizer)
   it = datasets.train_iterator(data, c.data.seq_len + 1, batch, c.seed + stage.seed_offset)
   jitted = par.jit_train_step(step, state, None, None, parallel.batch_structure(
-      batch // jax.process_count(), c.data.seq_len + 1))
+      batch, c.data.seq_len + 1))
   writer = MetricWriter(paths.tensorboard("target"))
   loop = trainer.LoopConfig(steps, c.checkpoint.save_every, c.log_every,
                             c.checkpoint.max_to_keep)
@@ -145,9 +145,11 @@ def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
                                                   "intermediate_size")},
           "settings": recorded}
   logging.info("target: held-out loss %.3f nats; sample: %r", loss, sample)
+  host_params = sharding.to_host(state.params)  # every process: they may be split over all
   if sharding.is_primary():
-    hf.save(out_dir, cfg, jax.device_get(state.params), overwrite=True)
+    hf.save(out_dir, cfg, host_params, overwrite=True)
     tokenizer_lib.save(data.tokenizer, out_dir)
     layout.make_readable(out_dir)
     cli.write_json(paths.info("target"), info)
+  sharding.sync("target exported")
   return cfg, state.params, info

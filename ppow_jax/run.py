@@ -31,6 +31,7 @@ def _gamma(c, target_cfg, target_params, drafter, params) -> float:
     return float(c.ppow.gamma)
   g = gamma_lib.measure_gamma(target_cfg, target_params, drafter, params, c.ppow.window, 1,
                               c.eval.prompt_len)["gamma"]
+  g = sharding.broadcast_from_primary(g)  # every process trains with process 0's measurement
   logging.info("measured gamma %.4f on %s", g, jax.devices()[0].device_kind)
   return float(g)
 
@@ -52,11 +53,12 @@ def run(c, workdir: str, retrain: tuple[str, ...] = ()) -> str:
   if primary:
     paths.prepare()
   with paths.lock(primary):
-    if primary:
-      for name in retrain:
-        paths.discard(name)
-      paths.remove_leftovers()
-    paths.check_settings(c, tuple(n for n in stages.NAMES[:-1] if n not in retrain))
+    with sharding.primary_first("workdir prepared"):  # the others read what it left
+      if primary:
+        for name in retrain:
+          paths.discard(name)
+        paths.remove_leftovers()
+      paths.check_settings(c, tuple(n for n in stages.NAMES[:-1] if n not in retrain))
     if primary:
       paths.append_history(c)
     return _run(c, paths, par)

@@ -21,8 +21,8 @@ ignore it. Logical axes without a rule are replicated (flax's default).
 
 Multi-host: call ``maybe_initialize_distributed()`` before anything else touches JAX; it only
 calls ``jax.distributed.initialize()`` when ``PPOW_DISTRIBUTED=1`` (the launch scripts set it),
-so a single host never waits for peers. Each host then feeds its own rows through
-``global_batch``.
+so a single host never waits for peers. Every host then holds the same global batch and
+``global_batch`` copies each host's rows onto its devices.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -259,13 +259,15 @@ def batch_spec(rules: Rules, ndim: int = 2) -> P:
   return spec_for(("batch",) + (None,) * (ndim - 1), rules)
 
 
-def global_batch(host_local_batch: Any, mesh: Mesh, spec: P) -> Any:
-  """Builds global arrays from each host's rows (host i holds rows i*b/n .. (i+1)*b/n in the
-  mesh's device order); every leaf is split along its first axis per ``spec``."""
+def global_batch(batch: Any, mesh: Mesh, spec: P) -> Any:
+  """Global arrays, split per ``spec``, from the whole batch that every process holds (numpy
+  arrays, or anything with ``shape``, ``dtype`` and numpy indexing, e.g. rows of a memory-mapped
+  file): each process reads only the rows of its own devices, wherever the mesh puts them."""
   sharding = NamedSharding(mesh, spec)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      host_local_batch)
+      lambda x: jax.make_array_from_callback(tuple(x.shape), sharding,
+                                             lambda index: np.asarray(x[index])),
+      batch, is_leaf=lambda x: hasattr(x, "shape"))
 
 
 @contextlib.contextmanager
@@ -281,13 +283,88 @@ def activation_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def maybe_initialize_distributed() -> bool:
   """Joins the multi-host job when ``PPOW_DISTRIBUTED=1`` (set by the launch scripts).
 
-  ``jax.distributed.initialize()`` auto-detects TPU pods and SLURM. Never calling it otherwise
-  keeps single-host runs from waiting for a coordinator. Returns whether it was called.
+  ``jax.distributed.initialize()`` auto-detects TPU pods and SLURM; elsewhere (several
+  processes on one machine, ``launch/local_multiprocess.sh``) the process count and this
+  process's id come from ``PPOW_NUM_PROCESSES`` and ``PPOW_PROCESS_ID``, the coordinator from
+  JAX's own ``JAX_COORDINATOR_ADDRESS``. CPU devices of different processes talk through gloo.
+  Never calling it otherwise keeps single-host runs from waiting for a coordinator. Returns
+  whether it was called.
   """
   if os.environ.get("PPOW_DISTRIBUTED", "0") != "1":
     return False
-  jax.distributed.initialize()
+  given = {key: os.environ.get(name, "") for key, name in (
+      ("num_processes", "PPOW_NUM_PROCESSES"), ("process_id", "PPOW_PROCESS_ID"))}
+  if any(given.values()) and not all(v.isdigit() for v in given.values()):
+    raise UserError(f"PPOW_NUM_PROCESSES={given['num_processes']!r} and PPOW_PROCESS_ID="
+                    f"{given['process_id']!r}: set both, as integers (or neither)")
+  kwargs = {k: int(v) for k, v in given.items() if v}
+  if kwargs and not 0 <= kwargs["process_id"] < kwargs["num_processes"]:
+    raise UserError(f"PPOW_PROCESS_ID={kwargs['process_id']} is not in [0, "
+                    f"PPOW_NUM_PROCESSES={kwargs['num_processes']})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
   return True
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def sync(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op on one process)."""
+  if is_multiprocess():
+    multihost_utils.sync_global_devices(name)
+
+
+def stop_requested(step: int, signalled: bool) -> bool:
+  """Whether to save and stop after training step ``step``. One process: whether it got
+  SIGTERM (``signalled``). Several: JAX's preemption service (it catches SIGTERM) answers
+  True on every process at the same step once any of them got it; call it every step."""
+  if not is_multiprocess():
+    return signalled
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+def broadcast_from_primary(value: float) -> float:
+  """Process 0's ``value`` on every process (e.g. a timing, which differs between them)."""
+  if not is_multiprocess():
+    return value
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
+
+
+def strided_sample(x: Any, stride: int = 997) -> np.ndarray:
+  """``ravel(x)[::stride]`` as numpy, the same on every process: an array split over other
+  processes' devices is sampled where it lives (a gather of the few elements), never copied
+  whole (a target's weights fingerprint the caches derived from it)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.ascontiguousarray(np.asarray(x).ravel()[::stride])
+  index = np.unravel_index(np.arange(0, x.size, stride), x.shape)
+  return np.ascontiguousarray(to_host(jax.jit(lambda a: a[index])(x)))
+
+
+@contextlib.contextmanager
+def primary_first(name: str) -> Iterator[None]:
+  """Process 0 runs the block first (it writes a shared file: a tokenizer, a cache); the
+  others run it once process 0 is done, and find what it wrote."""
+  if not is_primary():
+    sync(name)
+  yield
+  if is_primary():
+    sync(name)
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of every leaf on every process, whole, also when an array is split over
+  devices of other processes (then all processes must call this together)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  split = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+           and not (x.is_fully_addressable or x.is_fully_replicated)]
+  out = [None if i in split else np.asarray(x) for i, x in enumerate(leaves)]
+  if split:  # one gather for all of them
+    gathered = multihost_utils.process_allgather([leaves[i] for i in split], tiled=True)
+    for i, x in zip(split, gathered):
+      out[i] = np.asarray(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def is_primary() -> bool:

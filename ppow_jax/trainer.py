@@ -8,7 +8,9 @@
   n's metrics are read (nanodo's pattern).
 * A NaN/Inf in the loss stops the run with the step number; the state of that step is never
   saved, so the last checkpoint is the last good one.
-* SIGTERM (preemption) finishes the current step, saves, and exits with a message.
+* SIGTERM (preemption) finishes the current step, saves, and exits with a message. In a
+  multi-process job JAX's preemption service (``sharding.stop_requested``) has every process
+  stop after the same step, whichever got the signal.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, Optional
 from absl import logging
 import numpy as np
 
+from ppow_jax import sharding
 from ppow_jax.checkpoint import Checkpointer
 
 
@@ -44,13 +47,16 @@ class LoopConfig:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM into a flag the loop checks between steps (one process; in a multi-process
+  job JAX's preemption service has the signal)."""
 
   def __init__(self):
     self.requested = False
     self._old = None
 
   def __enter__(self):
+    if sharding.is_multiprocess():
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -152,7 +158,7 @@ def run(name: str, step_fn: Callable, state: Any, step_args: tuple, data: Any,
         if pending is not None:
           finish(pending, False)
         pending = (step_no, metrics, data_state, state)
-        if preempt.requested:
+        if sharding.stop_requested(step_no, preempt.requested):
           finish(pending, True)
           logging.warning("[%s] SIGTERM: saved step %d, exiting", name, step_no)
           print(f"[{name}] interrupted: saved step {step_no}; rerun the same command to resume",

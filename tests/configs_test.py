@@ -19,7 +19,7 @@ from ppow_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) != "common.py")
-VARIANTS = {"tiny.py": ("", "smoke", "lm", "smoke,lm"), "default.py": ("", "quick")}
+VARIANTS = {"tiny.py": ("", "smoke", "lm", "smoke,lm", "smoke,sharded"), "default.py": ("", "quick")}
 REAL = ("", "tpu_v5p", "gpu_8xh100", "runlocal")
 # Nodes read through a typed view (``settings.view``): their leaves are the view's fields.
 VIEWS = {"ppow": rollout.PPOWConfig, "baseline": train_step.BaselineConfig,
@@ -137,7 +137,7 @@ class ShippedConfigsTest(parameterized.TestCase):
       settings.check_runnable(c)
 
   def test_unknown_variant_names_the_known_ones(self):
-    with self.assertRaisesRegex(UserError, r"tiny.py:nope: .*'nope'.*\['lm', 'smoke'\]"):
+    with self.assertRaisesRegex(UserError, r"tiny.py:nope: .*'nope'.*\['lm', 'sharded', 'smoke'\]"):
       cli.load_config(os.path.join(ROOT, "configs", "tiny.py:nope"))
 
 

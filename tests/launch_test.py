@@ -3,21 +3,34 @@
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest, parameterized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = ("common.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "build_llamacpp.sh")
+SCRIPTS = ("common.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "build_llamacpp.sh",
+           "local_multiprocess.sh")
 CONFIG = "configs/llama31_8b_eagle3.py:tpu_v5p"
 
 TPU_ENV = {"TPU_NAME": "ppow-test", "ZONE": "us-east5-a", "PROJECT": "proj",
            "WORKDIR": "gs://bucket/ppow/run 1", "CONFIG": CONFIG,
            "ACCELERATOR_TYPE": "v5p-8", "RUNTIME_VERSION": "v2-alpha-tpuv5"}
 GPU_ENV = {"WORKDIR": "/shared/ppow/run1", "CONFIG": "configs/llama33_70b_eagle3.py:gpu_8xh100"}
+
+# A stand-in for python: says who it is, then process FAIL_ID exits 3 and the others wait
+# (as real processes wait for a dead peer); each records its pid.
+_FAKE_PYTHON = """#!/bin/sh
+echo "process $PPOW_PROCESS_ID of $PPOW_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS: $*"
+echo $$ > "$PIDS/$PPOW_PROCESS_ID"
+[ "$PPOW_PROCESS_ID" = "$FAIL_ID" ] && exit 3
+[ -n "$FAIL_ID" ] && exec sleep 300
+exit 0
+"""
 
 _TMP = tempfile.TemporaryDirectory()  # removed at exit
 _STUBS = os.path.join(_TMP.name, "bin")  # first on PATH: a dry run that runs anything fails
@@ -120,6 +133,86 @@ class LaunchTest(parameterized.TestCase):
     proc, _ = _run("tpu_pod.sh", {**TPU_ENV, "WORKDIR": "/local/dir"})
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("gs://", proc.stderr)
+
+  def test_local_multiprocess_dry_run_prints_one_command_per_process(self):
+    env = {"PYTHON": "/venv/bin/python", "PORT": "12345", "DEVICES_PER_PROCESS": "2",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1"}
+    proc, _ = _run("local_multiprocess.sh", env, "2", "--config=configs/tiny.py:smoke",
+                   "--workdir=/tmp/w x")
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    lines = [shlex.split(line) for line in proc.stdout.splitlines()]
+    self.assertLen(lines, 2, proc.stdout)
+    for i, argv in enumerate(lines):
+      self.assertEqual(argv[:7], [
+          "env", "PPOW_DISTRIBUTED=1", "JAX_COORDINATOR_ADDRESS=127.0.0.1:12345",
+          "PPOW_NUM_PROCESSES=2", f"PPOW_PROCESS_ID={i}", "JAX_PLATFORMS=cpu",
+          "XLA_FLAGS=--xla_foo=1 --xla_force_host_platform_device_count=2"])
+      self.assertEqual(argv[7], "/venv/bin/python")
+      # the very command launch/tpu_pod.sh runs on every worker
+      self.assertEqual(_main_invocation(argv[7:]), [
+          "-m", "ppow_jax.main", "--config=configs/tiny.py:smoke", "--workdir=/tmp/w x"])
+
+  def test_local_multiprocess_rejects_bad_settings(self):
+    for args, env, message in ((["x"], {}, "NUM_PROCESSES"), ([], {}, "NUM_PROCESSES"),
+                               (["2"], {"DEVICES_PER_PROCESS": "0"}, "DEVICES_PER_PROCESS"),
+                               (["2"], {"PORT": "http"}, "PORT")):
+      proc, _ = _run("local_multiprocess.sh", {"PYTHON": sys.executable, **env}, *args)
+      self.assertEqual(proc.returncode, 2, (args, env))
+      self.assertIn(message, proc.stderr)
+      self.assertEqual(proc.stdout, "")
+
+  def _local(self, fail_id: str, *, interrupt: int = 0):
+    """Runs local_multiprocess.sh 3 on the fake python -> (status, stderr, logdir, pids dir)."""
+    tmp = tempfile.mkdtemp(dir=_TMP.name)
+    fake = os.path.join(tmp, "python")
+    with open(fake, "w") as f:
+      f.write(_FAKE_PYTHON)
+    os.chmod(fake, 0o755)
+    logdir, pids = os.path.join(tmp, "logs"), os.path.join(tmp, "pids")
+    os.makedirs(pids)
+    env = dict(os.environ, PYTHON=fake, PORT="23456", LOGDIR=logdir, PIDS=pids,
+               FAIL_ID=fail_id, GRACE="5")
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "3",
+                             "--workdir=w"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+    if interrupt:
+      deadline = time.time() + 20
+      while len(os.listdir(pids)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+      proc.send_signal(interrupt)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err, logdir, pids
+
+  def _assert_all_gone(self, pids: str):
+    for name in os.listdir(pids):
+      with open(os.path.join(pids, name)) as f:
+        pid = int(f.read())
+      with self.assertRaises(ProcessLookupError, msg=f"process {name} still runs"):
+        os.kill(pid, 0)
+
+  def test_local_multiprocess_runs_every_process_with_its_log(self):
+    status, err, logdir, pids = self._local("")
+    self.assertEqual(status, 0, err)
+    self.assertLen(os.listdir(pids), 3)
+    for i in range(3):
+      with open(os.path.join(logdir, f"process_{i}.log")) as f:
+        self.assertEqual(f.read(), f"process {i} of 3 at 127.0.0.1:23456: -m ppow_jax.main "
+                         f"--workdir=w\n")
+
+  def test_local_multiprocess_stops_every_process_when_one_fails(self):
+    status, err, logdir, pids = self._local("1")
+    self.assertEqual(status, 3, err)
+    self.assertIn("process 1 failed (exit status 3)", err)
+    self.assertIn(os.path.join(logdir, "process_1.log"), err)
+    self.assertLen(os.listdir(pids), 3)
+    self._assert_all_gone(pids)
+
+  def test_local_multiprocess_stops_every_process_when_interrupted(self):
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+      got, err, _, pids = self._local("none", interrupt=sig)
+      self.assertEqual(got, status, err)
+      self._assert_all_gone(pids)
 
   def _built_llamacpp_dir(self, missing: str = "") -> str:
     """A folder that looks like a finished build_llamacpp.sh run (minus ``missing``)."""

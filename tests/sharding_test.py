@@ -239,14 +239,33 @@ class ShardedModelTest(absltest.TestCase):
 class ProcessTest(absltest.TestCase):
 
   def test_distributed_only_when_asked(self):
-    with mock.patch.object(jax.distributed, "initialize") as init:
+    with mock.patch.object(jax.distributed, "initialize") as init, \
+        mock.patch.object(jax.config, "update"):
       with mock.patch.dict(os.environ, {"PPOW_DISTRIBUTED": "0"}):
         self.assertFalse(sharding.maybe_initialize_distributed())
       init.assert_not_called()
       with mock.patch.dict(os.environ, {"PPOW_DISTRIBUTED": "1"}):
+        for name in ("PPOW_NUM_PROCESSES", "PPOW_PROCESS_ID"):
+          os.environ.pop(name, None)
         self.assertTrue(sharding.maybe_initialize_distributed())
-      init.assert_called_once_with()
+      init.assert_called_once_with()  # a pod or SLURM: JAX detects the layout
     self.assertTrue(sharding.is_primary())
+
+  def test_process_count_and_id_from_the_environment(self):
+    """What launch/local_multiprocess.sh sets; bad values are one-line errors."""
+    with mock.patch.object(jax.distributed, "initialize") as init, \
+        mock.patch.object(jax.config, "update"):
+      with mock.patch.dict(os.environ, {"PPOW_DISTRIBUTED": "1", "PPOW_NUM_PROCESSES": "2",
+                                        "PPOW_PROCESS_ID": "1"}):
+        self.assertTrue(sharding.maybe_initialize_distributed())
+      init.assert_called_once_with(num_processes=2, process_id=1)
+      for count, pid, message in (("2", "", "set both"), ("two", "0", "as integers"),
+                                  ("2", "2", r"PPOW_PROCESS_ID=2 is not in \[0, ")):
+        with mock.patch.dict(os.environ, {"PPOW_DISTRIBUTED": "1", "PPOW_NUM_PROCESSES": count,
+                                          "PPOW_PROCESS_ID": pid}):
+          with self.assertRaisesRegex(UserError, message):
+            sharding.maybe_initialize_distributed()
+      init.assert_called_once()
 
 
 if __name__ == "__main__":
