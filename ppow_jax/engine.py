@@ -316,23 +316,27 @@ class Engine:
     self._compiled: dict = {}
 
   def cache_length(self, prompt_len: int) -> int:
+    """Cache slots for a prompt of ``prompt_len``: it, the new tokens and a round's drafts."""
     return prompt_len + self.cfg.max_new_tokens + self.cfg.window + 2
+
+  def _compile(self, cache_len: int):
+    """The jitted generation for caches of ``cache_len`` slots (a subclass drafts otherwise)."""
+    if self.drafter is None:
+      fn = functools.partial(_autoregressive, self.target_cfg, self.cfg, cache_len)
+      return jax.jit(lambda tp, dp, prompts, lens, rng: fn(tp, prompts, lens, rng))
+    return jax.jit(functools.partial(_speculative, self.target_cfg, self.drafter, self.cfg,
+                                     cache_len))
 
   def _fn(self, prompt_len: int):
     cache_len = self.cache_length(prompt_len)
     if cache_len > self.target_cfg.max_position_embeddings:
+      room = cache_len - prompt_len - self.cfg.max_new_tokens
       raise UserError(
-          f"prompt length {prompt_len} + max_new_tokens {self.cfg.max_new_tokens} + window "
-          f"{self.cfg.window} exceeds the target's max_position_embeddings "
+          f"prompt length {prompt_len} + max_new_tokens {self.cfg.max_new_tokens} + drafting "
+          f"room {room} exceeds the target's max_position_embeddings "
           f"{self.target_cfg.max_position_embeddings}")
     if prompt_len not in self._compiled:
-      if self.drafter is None:
-        fn = functools.partial(_autoregressive, self.target_cfg, self.cfg, cache_len)
-        self._compiled[prompt_len] = jax.jit(
-            lambda tp, dp, prompts, lens, rng: fn(tp, prompts, lens, rng))
-      else:
-        self._compiled[prompt_len] = jax.jit(functools.partial(
-            _speculative, self.target_cfg, self.drafter, self.cfg, cache_len))
+      self._compiled[prompt_len] = self._compile(cache_len)
     return self._compiled[prompt_len]
 
   def generate(self, target_params, draft_params, prompts_BxP, prompt_len_B,

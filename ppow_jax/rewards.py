@@ -96,21 +96,31 @@ def proximity_indicator(delta_N: Array, accepted_N: Array, eta: float, eps: floa
   return eta * hit_N.astype(jnp.float32)
 
 
-def total_reward(accepted_N: Array, n_drafted_N: Array, *, gamma: float, lambda_prox: float,
-                 use_speed: bool, use_prox: bool, speed_form: str, prox_form: str,
-                 eta: float, eps: float, delta_N: Optional[Array] = None,
+def check_knobs(*, use_speed: bool, use_prox: bool, speed_form: str, prox_form: str) -> None:
+  """The knobs' choices, checked before any work (``settings.ppow``) and by ``total_reward``."""
+  if not (use_speed or use_prox):
+    raise UserError("reward: use_speed and use_prox are both off; the reward would be constant")
+  if speed_form not in SPEED_FORMS:
+    raise UserError(f"unknown speed reward form {speed_form!r}; expected one of {SPEED_FORMS}")
+  if prox_form not in PROX_FORMS:
+    raise UserError(f"unknown proximity reward form {prox_form!r}; expected one of {PROX_FORMS}")
+
+
+def total_reward(accepted_N: Array, n_drafted_N: Array, gamma: float, *, use_speed: bool,
+                 use_prox: bool, speed_form: str, prox_form: str, lambda_prox: float,
+                 prox_eta: float, prox_eps: float, delta_N: Optional[Array] = None,
                  accept_NxK: Optional[Array] = None,
                  valid_NxK: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
   """``R = R_speed + λ_prox · R_prox`` per window, each term switchable for ablations.
 
-  Needs ``delta_N`` for ``prox_form="indicator"`` and ``accept_NxK`` (β) for
+  The keyword-only parameters without a default are the reward's knobs: each is read from
+  ``config.ppow`` under its own name (``settings.knobs``), so a new knob is a config line and a
+  parameter here. Needs ``delta_N`` for ``prox_form="indicator"`` and ``accept_NxK`` (β) for
   ``"expected_length"``. Returns ``(R_N, components)`` with components ``speed``, ``prox``
   (before λ) and ``total``, all ``[N]`` and gradient-free (a switched-off term is zeros).
   """
-  if not (use_speed or use_prox):
-    raise UserError("reward: use_speed and use_prox are both off; the reward would be constant")
-  if prox_form not in PROX_FORMS:
-    raise UserError(f"unknown proximity reward form {prox_form!r}; expected one of {PROX_FORMS}")
+  check_knobs(use_speed=use_speed, use_prox=use_prox, speed_form=speed_form,
+              prox_form=prox_form)
   zeros_N = jnp.zeros(jnp.shape(accepted_N), jnp.float32)
   speed_N = speed_reward(accepted_N, n_drafted_N, gamma, speed_form) if use_speed else zeros_N
   prox_N = zeros_N
@@ -122,7 +132,7 @@ def total_reward(accepted_N: Array, n_drafted_N: Array, *, gamma: float, lambda_
   elif use_prox:
     if delta_N is None:
       raise UserError("reward: prox_form='indicator' needs delta_N (see greedy_log_prob_gap)")
-    prox_N = proximity_indicator(delta_N, accepted_N, eta, eps)
+    prox_N = proximity_indicator(delta_N, accepted_N, prox_eta, prox_eps)
   components = jax.lax.stop_gradient(
       {"speed": speed_N, "prox": prox_N, "total": speed_N + lambda_prox * prox_N})
   return components["total"], components

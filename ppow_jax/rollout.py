@@ -35,13 +35,7 @@ class PPOWConfig:
   group_size: int
   starts_per_seq: int  # windows per step = batch size × this, chosen across the pool
   gamma: float
-  speed_form: str
-  use_speed: bool
-  use_prox: bool
-  prox_form: str
-  lambda_prox: float
-  prox_eta: float
-  prox_eps: float
+  reward: flax.core.FrozenDict  # rewards.total_reward's knobs, by name (settings.knobs)
   selection: str
   selection_temperature: float
   pool_size: int  # sequences in the ADAW pool; 0 = the step's batch only
@@ -79,8 +73,6 @@ class PPOWConfig:
       raise UserError(f"ppow.ppo_epochs must be >= 1, got {self.ppo_epochs}")
     if self.anchor_ttt_weight < 0:
       raise UserError(f"ppow.anchor_ttt_weight must be >= 0, got {self.anchor_ttt_weight}")
-    if not (self.use_speed or self.use_prox):
-      raise UserError("ppow.use_speed and ppow.use_prox are both False: no reward left")
 
   def pool_rows(self, batch: int) -> int:
     """Rows of the ADAW pool for a step batch of ``batch`` sequences (a multiple of it)."""
@@ -201,11 +193,8 @@ def rollout(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: PPOWConfig, ta
                                     jnp.exp(logp_NxK1xV))
   delta_N = rewards.greedy_log_prob_gap(logp_NxK1xV[:, :k], tokens_NxK)
   beta_NxK = rewards.sampled_accept_probs(logp_NxK1xV[:, :k], logq_NxKxV, tokens_NxK)
-  reward_N, parts = rewards.total_reward(
-      res.num_accepted_B, jnp.full((n,), k), gamma=cfg.gamma, lambda_prox=cfg.lambda_prox,
-      use_speed=cfg.use_speed, use_prox=cfg.use_prox, speed_form=cfg.speed_form,
-      prox_form=cfg.prox_form, eta=cfg.prox_eta, eps=cfg.prox_eps, delta_N=delta_N,
-      accept_NxK=beta_NxK)
+  reward_N, parts = rewards.total_reward(res.num_accepted_B, jnp.full((n,), k), cfg.gamma,
+                                         **cfg.reward, delta_N=delta_N, accept_NxK=beta_NxK)
   adv_N = rewards.group_advantages(reward_N.reshape(-1, g), cfg.adv_delta,
                                    cfg.adv_min_std).reshape(-1)
   adv_N = jnp.where(valid_N, adv_N, 0.0)

@@ -85,22 +85,6 @@ def probs_from_logits(logits_xV: Array, temperature: float, top_p: float = 1.0) 
   return probs_xV
 
 
-def log_probs(logits_xV: Array, temperature: float = 1.0, top_p: float = 1.0) -> Array:
-  """log of ``probs_from_logits`` [..., V] (float32), computed stably; filtered tokens are -inf.
-
-  Used for policy log-ratios, where ``log(probs)`` would lose precision in the tails.
-  """
-  temperature, top_p = check_temperature(temperature), check_top_p(top_p)
-  if temperature == 0.0:
-    return jnp.where(_greedy_one_hot(logits_xV) > 0, 0.0, -jnp.inf)
-  scaled_xV = _scaled_logits(logits_xV, temperature)
-  logp_xV = jax.nn.log_softmax(scaled_xV, axis=-1)
-  if top_p < 1.0:
-    keep_xV = top_p_mask(jnp.exp(logp_xV), top_p)
-    logp_xV = jax.nn.log_softmax(jnp.where(keep_xV, scaled_xV, -jnp.inf), axis=-1)
-  return logp_xV
-
-
 def sample_with_gumbel(gumbel_xV: Array, probs_xV: Array) -> Array:
   """argmax(log p + g) [...] (int32): a draw from ``p`` given Gumbel(0, 1) noise ``g``.
 

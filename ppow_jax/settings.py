@@ -3,7 +3,9 @@ code is built from, and the architectures a config names.
 
 The config (``configs/common.py``) is the only source of values: a typed view is
 ``view(X, c.x)``, i.e. ``X(**c.x)`` restricted to ``X``'s fields, and those dataclasses have no
-defaults of their own. ``validate`` runs before any data is read: every numeric field has a rule
+defaults of their own; a function's knobs are ``knobs(f, c.x)``, its keyword-only parameters
+without a default read by name (the reward's: ``rewards.total_reward``), so that adding one
+takes a config line and the parameter, and no field list in between. ``validate`` runs before any data is read: every numeric field has a rule
 in ``RULES`` (a test sweeps each with 0 and a negative value), and each error names the key.
 """
 
@@ -11,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import math
 from typing import Any, Callable, Optional, Union
 
-from ppow_jax import rollout, stages, train_step, tree
+import flax
+
+from ppow_jax import rewards, rollout, stages, train_step, tree
 from ppow_jax.data import benchmarks
 from ppow_jax.errors import UserError
 from ppow_jax.models import eagle3, llama, presets
@@ -31,6 +36,20 @@ def view(cls: type, node, **overrides):
   return cls(**values, **overrides)
 
 
+def knob_names(fn: Callable) -> tuple[str, ...]:
+  """The keyword-only parameters of ``fn`` without a default: the config knobs it takes."""
+  return tuple(p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is p.KEYWORD_ONLY and p.default is p.empty)
+
+
+def knobs(fn: Callable, node) -> flax.core.FrozenDict:
+  """``fn``'s knobs (``knob_names``) with their values in ``node``, to pass as ``**knobs``."""
+  for name in knob_names(fn):
+    if name not in node:
+      raise KeyError(f"{fn.__name__}'s knob {name} has no key in the config node")
+  return flax.core.FrozenDict({name: node[name] for name in knob_names(fn)})
+
+
 def optim(node) -> train_step.OptimConfig:
   return view(train_step.OptimConfig, node)
 
@@ -41,7 +60,9 @@ def baseline(c) -> train_step.BaselineConfig:
 
 def ppow(c, gamma: float) -> rollout.PPOWConfig:
   """``gamma``: the configured one, or the one measured when ``ppow.gamma = -1``."""
-  return view(rollout.PPOWConfig, c.ppow, gamma=gamma)
+  reward = knobs(rewards.total_reward, c.ppow)
+  rewards.check_knobs(**knobs(rewards.check_knobs, reward))
+  return view(rollout.PPOWConfig, c.ppow, gamma=gamma, reward=reward)
 
 
 def eval_window(c) -> int:

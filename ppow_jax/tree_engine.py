@@ -210,14 +210,6 @@ class TreeEngine(engine.Engine):
     room = max(sh.total_tokens, (sh.depth - 1) * sh.top_k + 1, sh.depth + 2)
     return prompt_len + self.cfg.max_new_tokens + room + 2
 
-  def _fn(self, prompt_len: int):
-    cache_len = self.cache_length(prompt_len)
-    if cache_len > self.target_cfg.max_position_embeddings:
-      raise UserError(
-          f"prompt length {prompt_len} + max_new_tokens {self.cfg.max_new_tokens} + tree room "
-          f"{cache_len - prompt_len - self.cfg.max_new_tokens} exceeds the target's "
-          f"max_position_embeddings {self.target_cfg.max_position_embeddings}")
-    if prompt_len not in self._compiled:
-      self._compiled[prompt_len] = jax.jit(functools.partial(
-          _tree_speculative, self.target_cfg, self.drafter, self.cfg, self.shape, cache_len))
-    return self._compiled[prompt_len]
+  def _compile(self, cache_len: int):
+    return jax.jit(functools.partial(_tree_speculative, self.target_cfg, self.drafter, self.cfg,
+                                     self.shape, cache_len))

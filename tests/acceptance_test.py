@@ -317,6 +317,10 @@ def _stat_distributions(temperature, target_top_p):
 
 class LosslessnessTest(absltest.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
   _cache = {}
 
   def _stats(self, temperature, top_p, rule):

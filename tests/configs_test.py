@@ -13,7 +13,7 @@ import tokenize
 from absl.testing import absltest, parameterized
 import jax
 
-from ppow_jax import cli, rollout, settings, train_step
+from ppow_jax import cli, rewards, rollout, settings, train_step
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +21,16 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) != "common.py")
 VARIANTS = {"tiny.py": ("", "smoke", "lm", "smoke,lm", "smoke,sharded"), "default.py": ("", "quick")}
 REAL = ("", "tpu_v5p", "gpu_8xh100", "runlocal")
-# Nodes read through a typed view (``settings.view``): their leaves are the view's fields.
-VIEWS = {"ppow": rollout.PPOWConfig, "baseline": train_step.BaselineConfig,
-         "*.optim": train_step.OptimConfig}
+# Nodes read through a typed view (``settings.view``: its fields) or by a function's knobs
+# (``settings.knobs``: its keyword-only parameters without a default).
+VIEWS = {"ppow": (rollout.PPOWConfig, rewards.total_reward),
+         "baseline": (train_step.BaselineConfig,), "*.optim": (train_step.OptimConfig,)}
+
+
+def _view_keys(reader) -> set:
+  if isinstance(reader, type):
+    return {f.name for f in reader.__dataclass_fields__.values()}
+  return set(settings.knob_names(reader))
 
 
 def _specs():
@@ -61,9 +68,9 @@ def _library_code() -> dict:
 
 def _is_read(key: str, code: dict) -> bool:
   parts = key.split(".")
-  for pattern, cls in VIEWS.items():
+  for pattern, readers in VIEWS.items():
     if re.fullmatch(pattern.replace(".", r"\.").replace("*", r"\w+"), ".".join(parts[:-1])):
-      if parts[-1] in {f.name for f in cls.__dataclass_fields__.values()}:
+      if any(parts[-1] in _view_keys(reader) for reader in readers):
         return True
   direct = re.compile(r"\b\w+\." + re.escape(key) + r"\b")
   for text in code.values():
@@ -119,6 +126,7 @@ class ShippedConfigsTest(parameterized.TestCase):
     self.assertTrue(_is_read("data.seq_len", code))  # c.data.seq_len
     self.assertTrue(_is_read("drafter.kind", code))  # d = c.drafter; d.kind
     self.assertTrue(_is_read("ppow.clip_eps", code))  # the PPOWConfig view
+    self.assertTrue(_is_read("ppow.prox_eta", code))  # a knob of rewards.total_reward
     self.assertFalse(_is_read("data.no_such_knob", code))
     self.assertFalse(_is_read("ppow.no_such_knob", code))
     # a key named only in a message or a rule table is not read

@@ -10,7 +10,7 @@ from unittest import mock
 from absl.testing import absltest
 import tensorflow_datasets as tfds
 
-from ppow_jax.data import builders
+from ppow_jax.data import builders, corpus
 from ppow_jax.data import prompts
 from ppow_jax.errors import UserError
 
@@ -74,7 +74,7 @@ class TextCorpusTest(absltest.TestCase):
     for exs in splits.values():
       for ex in exs:
         self.assertEqual(ex["text"], self.expected[ex["path"]])
-    expected_split = builders.split_by_key(sorted(self.expected) + ["binary.py"], 0.25)
+    expected_split = corpus.split_by_key(sorted(self.expected) + ["binary.py"], 0.25)
     self.assertEqual(paths["heldout"], [p for p in expected_split["heldout"] if p != "binary.py"])
     # Rebuilt elsewhere: the same assignment and order.
     _, again = self._build(data_dir=os.path.join(self.tmp, "other"))

@@ -131,12 +131,6 @@ class PipelineTest(absltest.TestCase):
     with self.assertRaisesRegex(UserError, "expected 'text'"):
       next(self._iterator(source=[{"body": "x"}]))
 
-  def test_target_weights(self):
-    loss_mask = np.array([[0, 1, 1, 0, 1, 1, 0]])
-    segments = np.array([[1, 1, 1, 2, 2, 2, 0]])
-    np.testing.assert_array_equal(pipeline.target_weights(loss_mask, segments),
-                                  [[1, 1, 0, 1, 1, 0]])
-
 
 class RegenerateTest(absltest.TestCase):
 

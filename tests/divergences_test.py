@@ -57,6 +57,10 @@ def _reduced_vocab_logq(logits):
 
 class DivergencesTest(parameterized.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
   @parameterized.parameters(*divergences.DIVERGENCES)
   def test_matches_numpy(self, name):
     logp, logq = _random_logp(0), _random_logp(1)

@@ -12,6 +12,7 @@ from ppow_jax import cli
 from ppow_jax import divergences
 from ppow_jax import objectives
 from ppow_jax import rewards
+from ppow_jax import settings
 from ppow_jax.errors import UserError
 
 BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -37,6 +38,10 @@ def _np_surrogate(new, old, adv, mask, eps, ratio):
 
 class MaskTest(absltest.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
   def test_tokens_that_mattered(self):
     mask = np.asarray(objectives.tokens_that_mattered_mask(np.array([0, 2, K, K - 1]), K))
     np.testing.assert_array_equal(mask, [[1, 0, 0, 0],   # none accepted: the rejected one
@@ -61,6 +66,7 @@ class SurrogateTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
     rng = np.random.default_rng(2)
     self.old = np.log(rng.random((N, K))).astype(np.float32)
     self.new = (self.old + rng.normal(size=(N, K)) * 0.3).astype(np.float32)
@@ -118,6 +124,10 @@ class SurrogateTest(parameterized.TestCase):
 
 class PpowLossTest(absltest.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
   def test_combines_surrogate_and_anchor(self):
     rng = np.random.default_rng(3)
     old = np.log(rng.random((N, K))).astype(np.float32)
@@ -168,6 +178,10 @@ class ToyPolicyImprovementTest(absltest.TestCase):
   """
   V, K, G, M, STEPS = 5, 3, 8, 4, 200
 
+  def setUp(self):
+    super().setUp()
+    self.enterContext(jax.numpy_rank_promotion("raise"))
+
   def _expected_accepted(self, logp_KxVxV, theta_KxVxV):
     p = np.exp(np.float64(logp_KxVxV))
     q = np.exp(_np_log_softmax(np.float64(theta_KxVxV)))
@@ -206,9 +220,8 @@ class ToyPolicyImprovementTest(absltest.TestCase):
       delta_N = rewards.greedy_log_prob_gap(jnp.stack(logps, 1), tokens_NxK)
       p = cli.load_config(BASE).ppow  # the paper's rewards, the default guard
       reward_N, _ = rewards.total_reward(
-          accepted_N, K, gamma=0.1, lambda_prox=p.lambda_prox, use_speed=True, use_prox=True,
-          speed_form=p.speed_form, prox_form=p.prox_form, eta=p.prox_eta, eps=p.prox_eps,
-          delta_N=delta_N)
+          accepted_N, K, 0.1, **dict(settings.knobs(rewards.total_reward, p), use_speed=True,
+                                     use_prox=True), delta_N=delta_N)
       adv_N = rewards.group_advantages(reward_N.reshape(self.M, self.G), p.adv_delta,
                                        p.adv_min_std).reshape(n)
       mask_NxK = objectives.tokens_that_mattered_mask(accepted_N, K)

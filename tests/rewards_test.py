@@ -15,7 +15,7 @@ BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 N, K, V = 12, 5, 6
 KW = dict(lambda_prox=1.0, use_speed=True, use_prox=True, speed_form="paper",
-          prox_form="indicator", eta=1.0, eps=1.0)
+          prox_form="indicator", prox_eta=1.0, prox_eps=1.0)
 
 
 def _np_expected_length(beta, valid=None):
@@ -142,7 +142,7 @@ class RewardsTest(parameterized.TestCase):
     rng = np.random.default_rng(4)
     beta = rng.random((N, K)).astype(np.float32)
     delta = np.linspace(0, 3, N).astype(np.float32)
-    kw = dict(KW, lambda_prox=0.3, eta=2.0, eps=1.5)
+    kw = dict(KW, lambda_prox=0.3, prox_eta=2.0, prox_eps=1.5)
     fn = jax.jit(rewards.total_reward, static_argnames=tuple(kw) + ("gamma",))
     a = self.accepted
     speed = a / (a * 0.1 + 1)

@@ -6,7 +6,7 @@ import os
 from absl.testing import absltest, parameterized
 import jax
 
-from ppow_jax import cli, rollout, settings, stages, train_step, tree
+from ppow_jax import cli, rewards, rollout, settings, stages, train_step, tree
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +112,19 @@ class ViewsTest(absltest.TestCase):
     c = cli.load_config(SMOKE)
     with self.assertRaisesRegex(KeyError, "PPOWConfig.window"):
       settings.view(rollout.PPOWConfig, c.baseline, gamma=0.1)
+    with self.assertRaisesRegex(KeyError, "total_reward's knob use_speed"):
+      settings.knobs(rewards.total_reward, c.baseline)
+
+  def test_the_reward_reads_its_knobs_by_name(self):
+    c = cli.load_config(SMOKE)
+    c.ppow.prox_eta = 0.75
+    reward = settings.ppow(c, 0.25).reward
+    self.assertEqual(reward["prox_eta"], 0.75)
+    self.assertEqual(set(reward), set(settings.knob_names(rewards.total_reward)))
+    self.assertLessEqual({"use_speed", "use_prox", "speed_form", "prox_form", "lambda_prox",
+                          "prox_eta", "prox_eps"}, set(reward))
+    self.assertNotIn("gamma", reward)  # measured or configured: passed on its own
+    self.assertNotIn("delta_N", reward)  # a keyword with a default is an input, not a knob
 
 
 class ArchitecturesTest(absltest.TestCase):

@@ -261,8 +261,10 @@ class ConfigValidationTest(absltest.TestCase):
       _ppow_cfg(group_size=1)
     with self.assertRaisesRegex(UserError, "ppow.window must be >= 1"):
       _ppow_cfg(window=0)
-    with self.assertRaisesRegex(UserError, "use_speed and ppow.use_prox are both False"):
-      _ppow_cfg(use_speed=False, use_prox=False)
+    with self.assertRaisesRegex(UserError, "use_speed and use_prox are both off"):
+      _ppow(use_speed=False, use_prox=False)
+    with self.assertRaisesRegex(UserError, "speed reward form 'fast'"):
+      _ppow(speed_form="fast")
     with self.assertRaisesRegex(UserError, "adaw_scoring"):
       _ppow_cfg(adaw_scoring="exact")
     with self.assertRaisesRegex(UserError, "pool_size=6 must be a multiple of the batch"):

@@ -46,16 +46,21 @@ class VerifyTreeTest(absltest.TestCase):
     toks[:, 0] = [p[n - 1] for p, n in zip(prompts, lens)]  # the root is the pending token
     t = _tree_of(parents, toks, 2)
     out = tree_engine.verify_tree(model, tp, cache, t, jnp.asarray(lens))
+    seqs = []  # each node's prompt + root path, right-padded into one causal forward
     for b in range(2):
       for i in range(len(parents)):
         path, u = [], i
         while u > 0:
           path.append(int(toks[b, u]))
           u = parents[u]
-        seq = list(prompts[b][:lens[b]]) + path[::-1]
-        ref = model.apply({"params": tp}, jnp.asarray([seq]))[0, -1]
-        np.testing.assert_allclose(out.logits_BxTxV[b, i], ref, rtol=2e-4,
-                                   atol=2e-4 * float(jnp.abs(ref).max()))
+        seqs.append(list(prompts[b][:lens[b]]) + path[::-1])
+    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for r, seq in enumerate(seqs):
+      padded[r, :len(seq)] = seq
+    logits = jax.jit(model.apply)({"params": tp}, jnp.asarray(padded))
+    ref = np.stack([logits[r, len(seq) - 1] for r, seq in enumerate(seqs)])
+    got = np.asarray(out.logits_BxTxV).reshape(len(seqs), -1)
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * float(np.abs(ref).max()))
 
   def test_commit_path_moves_entries(self):
     self.enterContext(jax.numpy_rank_promotion("raise"))  # (the models themselves promote)

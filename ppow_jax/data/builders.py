@@ -24,7 +24,6 @@ never share a directory in the ``data_dir`` cache.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import glob
 import hashlib
 import json
@@ -35,116 +34,15 @@ from typing import Any, Iterator, Optional, Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
-from ppow_jax.data import prompts
+from ppow_jax.data import corpus, prompts
 from ppow_jax.errors import UserError
 
-TRAIN = "train"
-HELDOUT = "heldout"
+TRAIN, HELDOUT = corpus.TRAIN, corpus.HELDOUT
 
 # GCS is already off by default in TFDS 4.9.x; pin it so no version can reach for the network.
 _gcs_utils = tfds.core.utils.gcs_utils
 if hasattr(_gcs_utils, "_is_gcs_disabled"):
   _gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
-
-_GLOB_CHARS = frozenset("*?[")
-_ALWAYS_SKIPPED = ("__pycache__",)  # plus hidden files and directories (".git", ".venv", ...)
-
-
-# ---------------------------------------------------------------- file listing and splits
-
-
-def _has_glob(path: str) -> bool:
-  return any(c in _GLOB_CHARS for c in path)
-
-
-def _excluded(rel: str, exclude: Sequence[str]) -> bool:
-  return any(fnmatch.fnmatchcase(rel, pattern) for pattern in exclude)
-
-
-def _skipped_name(name: str) -> bool:
-  return name.startswith(".") or name in _ALWAYS_SKIPPED
-
-
-def list_files(source: str, include: str = "*",
-               exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
-  """Files of a corpus as ``(root, sorted POSIX paths relative to root)``.
-
-  ``source`` is a directory (walked recursively; ``include`` and ``exclude`` are fnmatch patterns
-  on the relative path, where ``*`` also matches ``/``, and an excluded directory is not
-  entered), a glob (``**`` recursive; ``root`` is its leading non-glob directory), or one file.
-  Hidden entries and ``__pycache__`` are always skipped.
-
-  Raises:
-    UserError: the path does not exist, or nothing matches.
-  """
-  source = os.path.abspath(os.path.expanduser(source))
-  if _has_glob(source):
-    root = source
-    while _has_glob(root):
-      root = os.path.dirname(root)
-    matches = (os.path.relpath(p, root) for p in glob.glob(source, recursive=True)
-               if os.path.isfile(p))
-    rels = sorted(r.replace(os.sep, "/") for r in matches
-                  if not any(_skipped_name(part) for part in r.split(os.sep)))
-    rels = [r for r in rels if not _excluded(r, exclude)]
-    if not rels:
-      raise UserError(f"corpus glob matches no files: {source}")
-    return root, rels
-  if os.path.isfile(source):
-    return os.path.dirname(source), [os.path.basename(source)]
-  if not os.path.isdir(source):
-    raise UserError(f"corpus directory does not exist: {source}")
-  rels = []
-  for dirpath, dirnames, filenames in os.walk(source):
-    rel_dir = os.path.relpath(dirpath, source).replace(os.sep, "/")
-    prefix = "" if rel_dir == "." else rel_dir + "/"
-    dirnames[:] = sorted(d for d in dirnames
-                         if not _skipped_name(d) and not _excluded(prefix + d, exclude))
-    for name in filenames:
-      rel = prefix + name
-      if (not _skipped_name(name) and fnmatch.fnmatchcase(rel, include)
-          and not _excluded(rel, exclude)):
-        rels.append(rel)
-  if not rels:
-    raise UserError(f"no files matching {include!r} (excluding {list(exclude)}) under {source}")
-  return source, sorted(rels)
-
-
-def heldout_score(key: str) -> float:
-  """A uniform number in [0, 1) from a stable hash of ``key`` (not Python's salted ``hash``)."""
-  digest = hashlib.sha256(key.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def split_by_key(keys: Sequence[str], heldout_fraction: float,
-                 what: str = "corpus") -> dict[str, list[str]]:
-  """Deterministic train/held-out assignment by hashed key; neither split is left empty.
-
-  A key is held out when its score is below ``heldout_fraction``. When the hash leaves a split
-  empty (small corpora), the key with the lowest (highest) score moves to held-out (train), so
-  the result is still a pure function of the keys.
-  """
-  _check_fraction(heldout_fraction)
-  keys = list(keys)
-  if heldout_fraction == 0:
-    return {TRAIN: keys}
-  if len(keys) < 2:
-    raise UserError(f"{what} has {len(keys)} file(s): cannot hold out a fraction by file; set "
-                    f"heldout_fraction=0")
-  scores = {k: heldout_score(k) for k in keys}
-  heldout = {k for k in keys if scores[k] < heldout_fraction}
-  if not heldout:
-    heldout = {min(keys, key=scores.__getitem__)}
-  if len(heldout) == len(keys):
-    heldout.discard(max(keys, key=scores.__getitem__))
-  return {TRAIN: [k for k in keys if k not in heldout],
-          HELDOUT: [k for k in keys if k in heldout]}
-
-
-def _check_fraction(fraction: float) -> None:
-  if not 0 <= fraction < 1:
-    raise UserError(f"heldout_fraction must be in [0, 1), got {fraction}")
-
 
 def _digest(identity: dict, root: str, rels: Sequence[str]) -> str:
   """Digest of a corpus's identity: its options and the size/mtime listing of its files."""
@@ -159,12 +57,65 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")[:40] or "corpus"
 
 
+@dataclasses.dataclass(eq=False)
+class _LocalFilesConfig(tfds.core.BuilderConfig):
+  """What both configs share: a local ``source``, listed once and digested into the name.
+
+  ``name`` is a readable prefix (default: from the source's base name); ``-<digest>`` is
+  appended, the digest covering every option of the subclass (its dataclass fields) and the
+  size/mtime listing of the files, so the config name identifies the data.
+  """
+  name: str = ""
+  source: str = ""
+  heldout_fraction: float = 0.0
+
+  def __post_init__(self):
+    if not self.source:
+      raise UserError(f"{type(self).__name__} needs a source ({self._what_source()})")
+    corpus.check_fraction(self.heldout_fraction)
+    self.source = os.path.abspath(os.path.expanduser(self.source))
+    self.root, self.files = self._list_files()
+    base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    identity = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in base}
+    digest = _digest(identity, self.root, self.files)
+    if not self.name.endswith(digest):
+      self.name = f"{_slug(self.name or self._stem())}-{digest}"
+    if self.description is None:
+      self.description = self._describe()
+
+  def _what_source(self) -> str:
+    raise NotImplementedError
+
+  def _list_files(self) -> tuple[str, list[str]]:
+    return corpus.list_files(self.source)
+
+  def _stem(self) -> str:
+    return os.path.basename(self.root)
+
+  def _describe(self) -> str:
+    raise NotImplementedError
+
+
 class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of builders that read local files: no URLs, hence no checksum file to look for.
 
-  TFDS looks for a checksums file next to the builder's code; for a class inside an installed
-  package that path lookup needs ``importlib_resources`` (absent on Python >= 3.9 installs).
+  Built from ``config=`` or from the config's fields as keywords (``source=...``); other
+  keywords go to TFDS (``file_format`` defaults to ``array_record``). TFDS looks for a
+  checksums file next to the builder's code; for a class inside an installed package that path
+  lookup needs ``importlib_resources`` (absent on Python >= 3.9 installs).
   """
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  CONFIG: type[_LocalFilesConfig]
+
+  def __init__(self, *, config: Optional[_LocalFilesConfig] = None,
+               data_dir: Optional[str] = None, **options: Any):
+    if config is None:
+      fields = {f.name for f in dataclasses.fields(self.CONFIG)}
+      config = self.CONFIG(**{k: options.pop(k) for k in list(options) if k in fields})
+    options.setdefault("file_format", "array_record")
+    super().__init__(config=config, data_dir=data_dir, **options)
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -176,35 +127,29 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 
 @dataclasses.dataclass(eq=False)
-class TextCorpusConfig(tfds.core.BuilderConfig):
-  """A text/code corpus: every matching file is one example.
-
-  ``name`` is a readable prefix (default: the source's base name); ``-<digest>`` is appended
-  so the config name identifies the corpus, whatever prefix was asked for.
-  """
-  name: str = ""
+class TextCorpusConfig(_LocalFilesConfig):
+  """A text/code corpus: every matching file is one example."""
   source: str = ""  # directory, glob, or single file
   include: str = "*"  # fnmatch pattern on relative paths of a directory source ("*.py")
   exclude: tuple[str, ...] = ()  # fnmatch patterns; matching directories are not entered
   heldout_fraction: float = 0.05  # share of *files* held out, chosen by hash of the path
 
   def __post_init__(self):
-    if not self.source:
-      raise UserError("TextCorpusConfig needs a source (directory, glob or file)")
-    _check_fraction(self.heldout_fraction)
-    self.source = os.path.abspath(os.path.expanduser(self.source))
     self.exclude = tuple(self.exclude)
-    self.root, self.files = list_files(self.source, self.include, self.exclude)
-    identity = {"source": self.source, "include": self.include, "exclude": list(self.exclude),
-                "heldout_fraction": self.heldout_fraction}
-    digest = _digest(identity, self.root, self.files)
-    if not self.name.endswith(digest):
-      prefix = _slug(self.name or os.path.basename(self.root) or "corpus")
-      self.name = f"{prefix}-{digest}"
-    if self.description is None:
-      self.description = (f"{len(self.files)} files {self.include!r} from {self.source}, "
-                          f"excluding {list(self.exclude)}; held out by path hash: "
-                          f"{self.heldout_fraction}")
+    super().__post_init__()
+
+  def _what_source(self) -> str:
+    return "directory, glob or file"
+
+  def _list_files(self) -> tuple[str, list[str]]:
+    return corpus.list_files(self.source, self.include, self.exclude)
+
+  def _stem(self) -> str:
+    return os.path.basename(self.root) or "corpus"
+
+  def _describe(self) -> str:
+    return (f"{len(self.files)} files {self.include!r} from {self.source}, excluding "
+            f"{list(self.exclude)}; held out by path hash: {self.heldout_fraction}")
 
 
 class TextCorpus(_LocalFilesBuilder, skip_registration=True):
@@ -215,19 +160,7 @@ class TextCorpus(_LocalFilesBuilder, skip_registration=True):
   other files. Files keep their sorted order (shuffling is the input pipeline's job). Binary
   files (a NUL byte) are skipped; invalid UTF-8 is replaced, not dropped.
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, config: Optional[TextCorpusConfig] = None, source: Optional[str] = None,
-               include: str = "*", exclude: Sequence[str] = (), heldout_fraction: float = 0.05,
-               data_dir: Optional[str] = None, **kwargs: Any):
-    if config is None:
-      if source is None:
-        raise UserError("TextCorpus needs source= (directory, glob or file) or config=")
-      config = TextCorpusConfig(source=source, include=include, exclude=tuple(exclude),
-                                heldout_fraction=heldout_fraction)
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(config=config, data_dir=data_dir, **kwargs)
+  CONFIG = TextCorpusConfig
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -240,7 +173,7 @@ class TextCorpus(_LocalFilesBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
-    splits = split_by_key(cfg.files, cfg.heldout_fraction, what=f"corpus {cfg.source}")
+    splits = corpus.split_by_key(cfg.files, cfg.heldout_fraction, what=f"corpus {cfg.source}")
     return {name: self._generate_examples(rels) for name, rels in splits.items()}
 
   def _generate_examples(self, rels: Sequence[str]) -> Iterator[tuple[str, dict]]:
@@ -267,29 +200,21 @@ class TextCorpus(_LocalFilesBuilder, skip_registration=True):
 
 
 @dataclasses.dataclass(eq=False)
-class ConversationsConfig(tfds.core.BuilderConfig):
+class ConversationsConfig(_LocalFilesConfig):
   """Chat data from JSONL files in ShareGPT or OpenAI form (see ``prompts.py``)."""
-  name: str = ""
   source: str = ""  # a JSONL file or a glob of them
   skip_bad_lines: bool = False  # skip malformed lines with a warning instead of failing
   heldout_fraction: float = 0.0  # share of conversations held out, by hash of their turns
 
-  def __post_init__(self):
-    if not self.source:
-      raise UserError("ConversationsConfig needs a source (JSONL file or glob)")
-    _check_fraction(self.heldout_fraction)
-    self.source = os.path.abspath(os.path.expanduser(self.source))
-    self.root, self.files = list_files(self.source)
-    identity = {"source": self.source, "skip_bad_lines": self.skip_bad_lines,
-                "heldout_fraction": self.heldout_fraction}
-    digest = _digest(identity, self.root, self.files)
-    if not self.name.endswith(digest):
-      stem = (os.path.basename(self.root) if _has_glob(self.source)
-              else os.path.splitext(os.path.basename(self.source))[0])
-      prefix = _slug(self.name or stem)
-      self.name = f"{prefix}-{digest}"
-    if self.description is None:
-      self.description = f"Conversations from {self.source} ({len(self.files)} files)"
+  def _what_source(self) -> str:
+    return "JSONL file or glob"
+
+  def _stem(self) -> str:
+    return (os.path.basename(self.root) if corpus.has_glob(self.source)
+            else os.path.splitext(os.path.basename(self.source))[0])
+
+  def _describe(self) -> str:
+    return f"Conversations from {self.source} ({len(self.files)} files)"
 
 
 class Conversations(_LocalFilesBuilder, skip_registration=True):
@@ -300,19 +225,7 @@ class Conversations(_LocalFilesBuilder, skip_registration=True):
   when ``heldout_fraction > 0``, ``heldout`` chosen by a hash of the conversation's content, so
   duplicates never straddle the two.
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, config: Optional[ConversationsConfig] = None,
-               source: Optional[str] = None, skip_bad_lines: bool = False,
-               heldout_fraction: float = 0.0, data_dir: Optional[str] = None, **kwargs: Any):
-    if config is None:
-      if source is None:
-        raise UserError("Conversations needs source= (a JSONL file or glob) or config=")
-      config = ConversationsConfig(source=source, skip_bad_lines=skip_bad_lines,
-                                   heldout_fraction=heldout_fraction)
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(config=config, data_dir=data_dir, **kwargs)
+  CONFIG = ConversationsConfig
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -337,7 +250,7 @@ class Conversations(_LocalFilesBuilder, skip_registration=True):
       for where, turns in prompts.iter_jsonl_turns(os.path.join(cfg.root, rel),
                                                    cfg.skip_bad_lines):
         if heldout is not None:
-          score = heldout_score(json.dumps(turns, ensure_ascii=False))
+          score = corpus.heldout_score(json.dumps(turns, ensure_ascii=False))
           if (score < cfg.heldout_fraction) != heldout:
             continue
         yield where, {"roles": [r for r, _ in turns], "contents": [c for _, c in turns],

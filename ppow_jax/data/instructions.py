@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ppow_jax.data import builders, prompts
+from ppow_jax.data import corpus, prompts
 from ppow_jax.errors import UserError
 
 # Request forms: {q} is the qualified name, {sig} the signature, {doc} the docstring's first
@@ -77,7 +77,7 @@ def _from_source(module: str, source: str) -> Iterator[Instruction]:
     tree = ast.parse(source)
   except (SyntaxError, ValueError):
     return
-  h = int(builders.heldout_score(module) * 1e9)  # a stable per-module choice of forms
+  h = int(corpus.heldout_score(module) * 1e9)  # a stable per-module choice of forms
   doc = ast.get_docstring(tree)
   if doc and _first_sentence(doc):
     form = _MODULE_FORMS[h % len(_MODULE_FORMS)]
@@ -100,7 +100,7 @@ def _from_source(module: str, source: str) -> Iterator[Instruction]:
 
 def from_python_sources(root: str, exclude: Sequence[str] = ()) -> list[Instruction]:
   """Every request the public, documented top-level names under ``root`` yield (sorted)."""
-  root, rels = builders.list_files(root, "*.py", exclude)
+  root, rels = corpus.list_files(root, "*.py", exclude)
   out = []
   for rel in rels:
     try:
@@ -134,8 +134,8 @@ def select(items: Sequence[Instruction], n: int, heldout_fraction: float, seed: 
   keys = sorted({it.key for it in items})
   if len(keys) < 2:
     raise UserError(f"instructions come from {len(keys)} source(s); need >= 2 to hold out")
-  split = builders.split_by_key(keys, heldout_fraction, what="instruction sources")
-  held = set(split.get(builders.HELDOUT, []))
+  split = corpus.split_by_key(keys, heldout_fraction, what="instruction sources")
+  held = set(split.get(corpus.HELDOUT, []))
   rng = np.random.default_rng(seed)
   train = [it for it in items if it.key not in held]
   heldout = [it for it in items if it.key in held]

@@ -25,8 +25,9 @@ Batches are ``{"tokens_BxT", "loss_mask_BxT", "segment_ids_BxT"}``, all int32 nu
   not);
 * ``segment_ids`` number the documents of a row from 1; padding is segment 0 (with mask 0).
 
-Targets are next tokens: position ``t`` predicts token ``t + 1`` only inside one segment
-(``target_weights`` computes exactly that). The model itself ignores ``segment_ids`` for now:
+Targets are next tokens: position ``t`` predicts token ``t + 1``. A document's first token
+(bos, or the chat template's opening) has loss mask 0, so no target crosses a document
+boundary, and padding has mask 0 too. The model itself ignores ``segment_ids`` for now:
 attention stays causal across the documents of a row (the usual concat-and-split trade-off;
 each row then looks like a longer document), while the loss never crosses a document boundary.
 """
@@ -262,16 +263,6 @@ def make_train_iterator(source: Sequence[Any], tokenizer: Tokenizer, seq_len: in
   """
   return TrainIterator(make_dataset(source, tokenizer, seq_len, batch_size, seed, process_index,
                                     process_count, num_epochs, **kwargs))
-
-
-def target_weights(loss_mask_BxT, segment_ids_BxT):
-  """Weights ``[B, T-1]`` for predicting ``tokens[:, 1:]`` from positions ``[:, :-1]``.
-
-  A target counts when the loss mask marks it and it continues the segment of the position
-  that predicts it (so no loss crosses documents or rows). Works on numpy and jax arrays.
-  """
-  same = segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]
-  return loss_mask_BxT[:, 1:] * same * (segment_ids_BxT[:, 1:] > 0)
 
 
 # ---------------------------------------------------------------- regenerating responses
