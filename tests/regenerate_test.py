@@ -27,6 +27,16 @@ def _conversation(i):
           "contents": [f"question {i}".encode(), b"a human answer"], "where": b"x:1"}
 
 
+def _tiny_target(num_layers: int):
+  """(tokenizer, config, params) of a small random target that answers the test questions."""
+  tok = tokenizer_lib.as_info(tokenizer_lib.train_bpe(
+      [f"question {i} answer" for i in range(50)], 300))
+  cfg = llama.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                          num_layers=num_layers, num_heads=2, num_kv_heads=1,
+                          max_position_embeddings=256, initializer_range=0.5)
+  return tok, cfg, llama.init_params(cfg, jax.random.PRNGKey(0))
+
+
 class RegenerateTest(absltest.TestCase):
 
   def _tmp(self) -> str:
@@ -35,12 +45,7 @@ class RegenerateTest(absltest.TestCase):
     return d
 
   def test_assistant_turns_are_the_targets_greedy_answers(self):
-    tok = tokenizer_lib.as_info(tokenizer_lib.train_bpe(
-        [f"question {i} answer" for i in range(50)], 300))
-    cfg = llama.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
-                            num_layers=1, num_heads=2, num_kv_heads=1,
-                            max_position_embeddings=256, initializer_range=0.5)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    tok, cfg, params = _tiny_target(num_layers=1)
     c = cli.load_config(BASE)
     c.data.regenerate = True
     c.data.regenerate_max_new_tokens = 6
@@ -60,12 +65,7 @@ class RegenerateTest(absltest.TestCase):
       self.assertNotEqual(turns[1][1], "a human answer")
 
   def test_regenerated_answers_are_cached_and_feed_a_reduced_draft_vocab(self):
-    tok = tokenizer_lib.as_info(tokenizer_lib.train_bpe(
-        [f"question {i} answer" for i in range(50)], 300))
-    cfg = llama.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
-                            num_layers=4, num_heads=2, num_kv_heads=1,
-                            max_position_embeddings=256, initializer_range=0.5)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    tok, cfg, params = _tiny_target(num_layers=4)
     c = cli.load_config(BASE)
     c.data.regenerate = True
     c.data.regenerate_max_new_tokens = 5
@@ -96,12 +96,7 @@ class RegenerateTest(absltest.TestCase):
     self.assertTrue(answer_ids <= kept or len(answer_ids) > 64)
 
   def test_answer_store_survives_interruption_and_grows(self):
-    tok = tokenizer_lib.as_info(tokenizer_lib.train_bpe(
-        [f"question {i} answer" for i in range(50)], 300))
-    cfg = llama.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
-                            num_layers=1, num_heads=2, num_kv_heads=1,
-                            max_position_embeddings=256, initializer_range=0.5)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    tok, cfg, params = _tiny_target(num_layers=1)
     c = cli.load_config(BASE)
     c.data.regenerate = True
     c.data.regenerate_max_new_tokens = 4
