@@ -4,6 +4,8 @@ VENV ?= .venv
 WORKDIR ?= workdir/default
 CONFIG ?= configs/default.py
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; each test class stays in one process, sharing its compiles).
+TEST_WORKERS ?= auto
 # Fake an 8-device mesh on the CPU for the sharding tests (must be set before JAX starts);
 # tests are compile-bound on tiny models, so XLA skips its slow backend optimisations.
 TEST_ENV = XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" JAX_PLATFORMS=cpu
@@ -25,7 +27,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m ppow_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

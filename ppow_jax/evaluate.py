@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from ppow_jax import engine, sharding, timing, tree, tree_engine
+from ppow_jax import engine, settings, sharding, timing, tree, tree_engine
 from ppow_jax.models import llama
 
 
@@ -115,6 +115,22 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
         if log:
           log(f"[eval] T={temperature} batch={bs} {name:>10} {drafting:>5}: "
               f"tau={row['tau']:.3f} tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
+  return rows
+
+
+def evaluate_sets(c, target_cfg: llama.ModelConfig, target_params, drafters: dict,
+                  prompt_sets: dict[str, list[list[int]]], eos_ids: tuple = ()) -> list[dict]:
+  """``evaluate`` on each prompt set with the settings of ``c.eval`` (rows carry
+  ``"benchmark"``), plus the mean over the sets when there are several: the eval stage."""
+  rows = []
+  for bench, prompts in prompt_sets.items():
+    print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)
+    rows += [{"benchmark": bench, **row} for row in evaluate(
+        target_cfg, target_params, drafters, prompts, c.eval.temperatures, c.eval.batch_sizes,
+        settings.eval_window(c), c.eval.max_new_tokens, c.eval.repeats, eos_ids, c.seed,
+        tree_shape=settings.eval_tree(c))]
+  if len(prompt_sets) > 1:
+    rows += mean_rows(rows)
   return rows
 
 

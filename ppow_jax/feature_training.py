@@ -60,6 +60,11 @@ def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, 
 def make_step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,
               optimizer: optax.GradientTransformation, support_only: bool) -> Callable:
   """(state, target_params, constants, batch of cached features) -> (state, metrics)."""
+  return train_step.ttt_schedule(cfg, lambda cfg: _step(drafter, cfg, optimizer, support_only))
+
+
+def _step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,
+          optimizer: optax.GradientTransformation, support_only: bool) -> Callable:
 
   def step(state: train_step.TrainState, target_params, consts, batch):
     (loss, metrics), grads = jax.value_and_grad(feature_loss, argnums=2, has_aux=True)(

@@ -20,7 +20,8 @@ def _drafting(r: dict) -> str:
   return "tree " + "/".join(map(str, r["tree"])) if "tree" in r else r.get("drafting", "chain")
 
 
-def _table(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
+  """The evaluation rows as a Markdown table (report.md's main table)."""
   head = ("| prompts | T | batch | drafter | drafting | τ | τ analytic | "
           "α̂ by position (depth) | tokens/s | speedup | greedy = AR |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -141,7 +142,7 @@ def write(paths: layout.Layout, protocol: dict, hardware: dict, target: dict, ro
   md += [f"Protocol: {json.dumps(protocol)}", "",
          f"Hardware: {hardware.get('device_kind')} × {hardware.get('num_devices')}, "
          f"{hardware.get('cpu_count')} CPUs, load {hardware.get('load_average')}", "",
-         _table(rows), ""]
+         table(rows), ""]
   side_by_side = _chain_vs_tree(rows)
   if side_by_side:
     md += ["Chain and tree drafting, side by side (speedups vs AR):", "", side_by_side, ""]

@@ -102,15 +102,7 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
   prompt_sets = datasets.eval_prompt_sets(c, data)
   eos = (data.tokenizer.eos_id,) if (c.eval.eos and data.tokenizer.eos_id is not None) else ()
   tree_shape = settings.eval_tree(c)
-  rows = []
-  for bench, prompts in prompt_sets.items():
-    print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)
-    rows += [{"benchmark": bench, **row} for row in evaluate.evaluate(
-        target_cfg, target_params, evaluated, prompts, c.eval.temperatures, c.eval.batch_sizes,
-        settings.eval_window(c), c.eval.max_new_tokens, c.eval.repeats, eos, c.seed,
-        tree_shape=tree_shape)]
-  if len(prompt_sets) > 1:
-    rows += evaluate.mean_rows(rows)
+  rows = evaluate.evaluate_sets(c, target_cfg, target_params, evaluated, prompt_sets, eos)
   ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
               "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",

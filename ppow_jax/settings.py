@@ -54,8 +54,11 @@ def optim(node) -> train_step.OptimConfig:
   return view(train_step.OptimConfig, node)
 
 
-def baseline(c) -> train_step.BaselineConfig:
-  return view(train_step.BaselineConfig, c.baseline)
+def baseline(c, warm_start: bool = True) -> train_step.BaselineConfig:
+  """``warm_start=False`` drops the S = 1 start (``ttt_from_step``): for stages that continue a
+  trained drafter."""
+  overrides = {} if warm_start else {"ttt_from_step": 0}
+  return view(train_step.BaselineConfig, c.baseline, **overrides)
 
 
 def ppow(c, gamma: float) -> rollout.PPOWConfig:
@@ -141,6 +144,7 @@ RULES: dict[str, Rule] = {
     "baseline.steps": _at_least(0),
     "baseline.batch_size": _at_least(1),
     "baseline.ttt_steps": _at_least(1),
+    "baseline.ttt_from_step": _at_least(0),
     "baseline.step_decay": _at_least(0),
     "baseline.feature_rows": _at_least(0),
     "data.regenerate_batch_size": _at_least(1),

@@ -40,11 +40,33 @@ class BaselineConfig:
   divergence: str  # forward_kl | reverse_kl | jsd | tv | neg_log_alpha
   ttt_steps: int  # EAGLE-3 training-time-test unroll S (1 = plain teacher forcing).
   step_decay: float  # weight of unrolled step i is decay**i.
+  ttt_from_step: int  # optimizer step from which the S-step unroll trains (before it: S = 1)
 
   def __post_init__(self):
     divergences.get_divergence(self.divergence)
     if self.ttt_steps < 1:
       raise UserError(f"baseline.ttt_steps must be >= 1, got {self.ttt_steps}")
+    if self.ttt_from_step < 0:
+      raise UserError(f"baseline.ttt_from_step must be >= 0, got {self.ttt_from_step}")
+
+
+def ttt_schedule(cfg: BaselineConfig, make: Callable[[BaselineConfig], Callable]) -> Callable:
+  """The step ``make(cfg)`` builds, run with S = 1 while ``state.step < cfg.ttt_from_step``.
+
+  A drafter's first draft step is learned fastest alone (a step costs a third of an S = 3
+  unroll, and the later steps feed back a hidden state that is noise until step 0 works);
+  the unroll then teaches the later steps. One jitted program: the branch follows the step
+  counter, so a resumed run switches at the same step.
+  """
+  full = make(cfg)
+  if cfg.ttt_from_step == 0 or cfg.ttt_steps == 1:
+    return full
+  warm = make(dataclasses.replace(cfg, ttt_steps=1))
+
+  def step(state: TrainState, *args):
+    return jax.lax.cond(state.step < cfg.ttt_from_step, warm, full, state, *args)
+
+  return step
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -127,6 +149,12 @@ def make_baseline_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Bas
   hidden_layers = drafter.target_hidden_layers
   if updates_per_batch < 1:
     raise UserError(f"updates_per_batch must be >= 1, got {updates_per_batch}")
+  return ttt_schedule(cfg, lambda cfg: _baseline_step(target_cfg, drafter, cfg, optimizer,
+                                                      updates_per_batch, hidden_layers))
+
+
+def _baseline_step(target_cfg, drafter, cfg: BaselineConfig, optimizer, updates_per_batch: int,
+                   hidden_layers) -> Callable:
 
   def step(state: TrainState, target_params, constants, batch):
     tokens, mask = batch["tokens_BxT"], batch["loss_mask_BxT"]

@@ -3,16 +3,20 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl.testing import absltest
+import jax
 import numpy as np
 
-from ppow_jax.bench import decode, pairs, peers
+from ppow_jax.bench import compare, decode, pairs, peers
 from ppow_jax.errors import UserError
-from ppow_jax.models import hf
+from ppow_jax.data import tokenizer as tokenizer_lib
+from ppow_jax.models import hf, llama
 
 TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
                            residual_scale=0.01)
@@ -117,3 +121,47 @@ class PeersTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class CompareTest(absltest.TestCase):
+
+  def test_drafters_are_compared_as_a_user_runs_it(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp)
+    out, target, drafter = (os.path.join(tmp, n) for n in ("compare.json", "target", "drafter"))
+    tok = tokenizer_lib.train_bpe(["def f(x):\n    return x + 1", "Write a story."], 300)
+    for path, layers in ((target, 2), (drafter, 1)):  # an LM drafter over the same vocabulary
+      cfg = llama.ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32,
+                              num_layers=layers, num_heads=2, num_kv_heads=1)
+      hf.save(path, cfg, llama.init_params(cfg, jax.random.PRNGKey(layers)))
+      tokenizer_lib.save(tok, path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppow_jax.bench.compare", "--config=configs/tiny.py:smoke",
+         f"--config.target.hf_dir={target}", "--config.eval.prompt_len=24",
+         f"--drafters=one={drafter},two={drafter}", "--config.eval.benchmarks=chat,humaneval",
+         "--config.eval.num_prompts=1", "--config.eval.max_new_tokens=4",
+         "--config.eval.temperatures=(0.0,)", "--config.eval.batch_sizes=(1,)",
+         "--config.eval.tree=()", f"--output_json={out}"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    with open(out) as f:
+      rows = json.load(f)["rows"]
+    key = lambda r: (r["benchmark"], r["drafter"])
+    self.assertEqual(sorted(map(key, rows)), sorted(
+        (b, d) for b in ("chat", "humaneval", "mean") for d in ("ar", "one", "two")))
+    by = {key(r): r for r in rows}
+    for b in ("chat", "humaneval"):  # the same drafter twice: the same acceptance, greedy = AR
+      self.assertEqual(by[b, "one"]["tau"], by[b, "two"]["tau"])
+      self.assertTrue(by[b, "one"]["greedy_matches_ar"])
+    self.assertIn("| chat | 0 | 1 | two | chain |", proc.stdout)
+
+  def test_bad_drafter_lists_are_named(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp)
+    for items, message in ((["x"], "not NAME=DIR"), ([f"ar={tmp}"], "reserved"),
+                           ([f"a={tmp}", f"a={tmp}"], "given twice"),
+                           (["a=/no/such/dir"], "no such directory"), ([], "at least one")):
+      with self.assertRaisesRegex(UserError, message):
+        compare.parse_drafters(items)
+    self.assertEqual(compare.parse_drafters([f"a={tmp}", f" b = {tmp}"]), {"a": tmp, "b": tmp})

@@ -75,6 +75,29 @@ class FeatureCacheTest(absltest.TestCase):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
       self.assertGreater(float(jnp.abs(s1.params["fc"] - net["fc"]).max()), 1e-4)
 
+  def test_ttt_from_step_trains_step_zero_alone_before_it(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup()
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
+             **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
+    consts = feature_training.constants(drafter, vocab, tparams)
+    opt = train_step.make_optimizer(dataclasses.replace(
+        settings.optim(cli.load_config(BASE).baseline.optim), learning_rate=1e-2, warmup_steps=1))
+    make = lambda **kw: jax.jit(feature_training.make_step(drafter, _baseline(**kw), opt, False))
+    scheduled = make(ttt_steps=2, ttt_from_step=1)
+    one, two = make(ttt_steps=1, ttt_from_step=0), make(ttt_steps=2, ttt_from_step=0)
+    s0 = train_step.init_state(net, opt, jax.random.PRNGKey(0))
+    leaves = lambda s: jax.tree_util.tree_leaves(s.params)
+    s1, want1 = scheduled(s0, tparams, consts, batch)[0], one(s0, tparams, consts, batch)[0]
+    for a, b in zip(leaves(s1), leaves(want1)):  # state.step 0 < 1: S = 1
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    s2, want2 = scheduled(s1, tparams, consts, batch)[0], two(s1, tparams, consts, batch)[0]
+    for a, b in zip(leaves(s2), leaves(want2)):  # state.step 1: the unroll
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    other = one(s1, tparams, consts, batch)[0]  # the two branches do differ here
+    self.assertGreater(max(float(jnp.abs(a - b).max()) for a, b in zip(leaves(s2), leaves(other))),
+                       1e-6)
+
   def test_draft_vocab_loss_has_the_full_vocab_gradient(self):
     tparams, drafter, vocab, net, tokens, mask = _setup()
     cfg = _baseline(ttt_steps=3)

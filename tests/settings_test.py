@@ -101,6 +101,9 @@ class ViewsTest(absltest.TestCase):
     p = settings.ppow(c, 0.25)
     self.assertEqual((p.window, p.group_size, p.ppo_epochs, p.gamma), (3, 2, 1, 0.25))
     self.assertEqual(settings.baseline(c).ttt_steps, c.baseline.ttt_steps)
+    c.baseline.ttt_from_step = 7
+    self.assertEqual(settings.baseline(c).ttt_from_step, 7)
+    self.assertEqual(settings.baseline(c, warm_start=False).ttt_from_step, 0)  # continued stages
     self.assertEqual(dataclasses.asdict(settings.optim(c.ppow.optim)), c.ppow.optim.to_dict())
 
   def test_views_have_no_defaults_of_their_own(self):
