@@ -92,12 +92,21 @@ def document_text(example: Any, kind: str) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _tokenizer(c, paths: layout.Layout, train: Sequence[Any], kind: str
-               ) -> tokenizer_lib.TokenizerInfo:
+def given_tokenizer(c) -> Optional[tokenizer_lib.TokenizerInfo]:
+  """``data.tokenizer``, else the target's (``target.hf_dir``); None when the run trains its
+  own BPE."""
   if c.data.tokenizer:
     return tokenizer_lib.load(c.data.tokenizer)
   if c.target.hf_dir:
     return tokenizer_lib.load(gguf_convert.resolve(c.target.hf_dir))
+  return None
+
+
+def _tokenizer(c, paths: layout.Layout, train: Sequence[Any], kind: str
+               ) -> tokenizer_lib.TokenizerInfo:
+  given = given_tokenizer(c)
+  if given is not None:
+    return given
   tok_dir = paths.tokenizer
   if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
     return tokenizer_lib.load(tok_dir)
@@ -140,7 +149,13 @@ def eval_prompt_sets(c, data: Data) -> dict[str, list[list[int]]]:
   ``eval.prompts_file`` or the held-out split."""
   if not c.eval.benchmarks.strip(", "):
     return {"prompts_file" if c.eval.prompts_file else "heldout": eval_prompts(c, data)}
-  return benchmarks.prompt_sets(c.eval.benchmarks, data.tokenizer, c.eval.num_prompts,
+  return benchmark_prompt_sets(c, data.tokenizer)
+
+
+def benchmark_prompt_sets(c, tokenizer: tokenizer_lib.TokenizerInfo
+                          ) -> dict[str, list[list[int]]]:
+  """The prompt sets of ``eval.benchmarks``, sized and fitted by ``c.eval``."""
+  return benchmarks.prompt_sets(c.eval.benchmarks, tokenizer, c.eval.num_prompts,
                                 c.eval.prompt_len, c.eval.prompt_policy)
 
 

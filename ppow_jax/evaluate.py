@@ -119,9 +119,11 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
 
 
 def evaluate_sets(c, target_cfg: llama.ModelConfig, target_params, drafters: dict,
-                  prompt_sets: dict[str, list[list[int]]], eos_ids: tuple = ()) -> list[dict]:
+                  prompt_sets: dict[str, list[list[int]]], eos_id: Optional[int]) -> list[dict]:
   """``evaluate`` on each prompt set with the settings of ``c.eval`` (rows carry
-  ``"benchmark"``), plus the mean over the sets when there are several: the eval stage."""
+  ``"benchmark"``), plus the mean over the sets when there are several: the eval stage.
+  Rows stop at the tokenizer's ``eos_id`` when ``eval.eos`` is set."""
+  eos_ids = (eos_id,) if (c.eval.eos and eos_id is not None) else ()
   rows = []
   for bench, prompts in prompt_sets.items():
     print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)

@@ -90,20 +90,26 @@ def sample_chat(cfg: llama.ModelConfig, params, info, request: str,
   return f"{request}\n---\n{info.decode(out.new_tokens()[0])}"
 
 
+def given_target(c) -> tuple[llama.ModelConfig, Any]:
+  """(config, params) of ``target.hf_dir``: a Hugging Face directory, a GGUF file or
+  ``smollm2``."""
+  model, params = hf.load(gguf_convert.resolve(c.target.hf_dir), dtype=c.target.dtype,
+                          param_dtype=c.target.param_dtype)
+  hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
+  return model.cfg, jax.tree_util.tree_map(jnp.asarray, params)
+
+
 def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
                par: Optional[parallel.Parallel] = None) -> tuple[llama.ModelConfig, Any, dict]:
   """(config, params, info) of the target; pretrains the embedded one if needed and allowed."""
   if c.target.hf_dir:
-    model, params = hf.load(gguf_convert.resolve(c.target.hf_dir), dtype=c.target.dtype,
-                            param_dtype=c.target.param_dtype)
-    hf.check_same_vocab(model.cfg, model.cfg, where=c.target.hf_dir)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    cfg, params = given_target(c)
     info = {"source": c.target.hf_dir, "params": llama.param_count(params)}
     if c.target.sample_tokens and data.tokenizer.chat_template:
-      info["sample"] = sample_chat(model.cfg, params, data.tokenizer, SAMPLE_REQUEST,
+      info["sample"] = sample_chat(cfg, params, data.tokenizer, SAMPLE_REQUEST,
                                    c.target.sample_tokens)
       print(f"[target] sample:\n{info['sample']}", flush=True)
-    return model.cfg, params, info
+    return cfg, params, info
   out_dir = paths.export("target")
   info = paths.read_info("target")
   if info is not None:

@@ -100,9 +100,9 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
   for n in names:
     training.setdefault(n, paths.read_info(n))
   prompt_sets = datasets.eval_prompt_sets(c, data)
-  eos = (data.tokenizer.eos_id,) if (c.eval.eos and data.tokenizer.eos_id is not None) else ()
   tree_shape = settings.eval_tree(c)
-  rows = evaluate.evaluate_sets(c, target_cfg, target_params, evaluated, prompt_sets, eos)
+  rows = evaluate.evaluate_sets(c, target_cfg, target_params, evaluated, prompt_sets,
+                                data.tokenizer.eos_id)
   ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
               "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",

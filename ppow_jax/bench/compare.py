@@ -61,18 +61,14 @@ def run(argv: list[str]) -> dict:
     raise UserError("config.eval.benchmarks is empty: compare decodes benchmark prompt sets "
                     "(e.g. humaneval,chat)")
   # JAX starts here, after every argument is checked
-  from ppow_jax import drafters, evaluate, report, settings, timing  # pylint: disable=g-import-not-at-top
-  from ppow_jax.data import benchmarks, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from ppow_jax.models import gguf_convert, hf  # pylint: disable=g-import-not-at-top
+  from ppow_jax import (datasets, drafters, evaluate, pretrain, report, settings,  # pylint: disable=g-import-not-at-top
+                        timing)
   settings.validate(c)
-  hf_dir = gguf_convert.resolve(c.target.hf_dir)
-  model, target_params = hf.load(hf_dir, dtype=c.target.dtype, param_dtype=c.target.param_dtype)
-  info = tokenizer_lib.load(hf_dir)
-  loaded = {name: drafters.load(path, model.cfg) for name, path in named.items()}
-  sets = benchmarks.prompt_sets(c.eval.benchmarks, info, c.eval.num_prompts, c.eval.prompt_len,
-                                c.eval.prompt_policy)
-  eos = (info.eos_id,) if (c.eval.eos and info.eos_id is not None) else ()
-  rows = evaluate.evaluate_sets(c, model.cfg, target_params, loaded, sets, eos)
+  target_cfg, target_params = pretrain.given_target(c)
+  tokenizer = datasets.given_tokenizer(c)  # the main job's: data.tokenizer, else the target's
+  loaded = {name: drafters.load(path, target_cfg) for name, path in named.items()}
+  rows = evaluate.evaluate_sets(c, target_cfg, target_params, loaded,
+                                datasets.benchmark_prompt_sets(c, tokenizer), tokenizer.eos_id)
   result = {"target": c.target.hf_dir, "drafters": named, "window": settings.eval_window(c),
             "max_new_tokens": c.eval.max_new_tokens, "machine": timing.machine_info(),
             "rows": rows}
