@@ -1,5 +1,6 @@
 """The speculative engine: greedy output equals AR, sampling is lossless, bad input is refused."""
 
+import functools
 import itertools
 import os
 
@@ -24,6 +25,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [3]
 MAX_NEW = 14
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _noisy_copy(params, scale, seed):
   """A drafter that mostly agrees with the target: its weights plus noise."""
   leaves, tree = jax.tree_util.tree_flatten(params)
@@ -81,10 +83,10 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     cls.ar_stats = ar.stats.summary()
 
   def test_autoregressive_matches_full_forward_argmax(self):
-    model = llama.Decoder(TARGET)
+    forward = jax.jit(llama.Decoder(TARGET).apply)
     for prompt, new in zip(PROMPTS, self.ar_tokens):
       seq = jnp.asarray([prompt + new[:-1]])
-      logits = model.apply({"params": self.tp}, seq)
+      logits = forward({"params": self.tp}, seq)
       np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1:], -1), new)
     self.assertEqual(self.ar_stats["tau"], 1.0)
 
@@ -148,7 +150,8 @@ class LosslessSamplingTest(parameterized.TestCase):
     """p(x1, x2, x3 | prompt) by enumerating all V^3 continuations."""
     model = llama.Decoder(self.CFG)
     seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
-    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(seqs)) / temperature)
+    logp = jax.jit(lambda p, x: jax.nn.log_softmax(model.apply({"params": p}, x) / temperature))(
+        params, jnp.asarray(seqs))
     p = len(prompt)
     logp = np.asarray(logp, np.float64)
     lp = sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3))

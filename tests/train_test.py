@@ -1,6 +1,7 @@
 """Training: PPOW raises acceptance, resume is bit-identical, NaN stops cleanly, bad configs fail."""
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -110,6 +111,7 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     self.assertEqual(float(metrics["windows"]), 16 * 8)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _forced_logits(dr, tc, tp, net, vocab, rows, ro):
   """Drafter logits along the rollout's windows, drafted again from their chain states."""
   params = {"net": net, "vocab": vocab}

@@ -36,6 +36,10 @@ def _ref_grow(root_logits, w_VxV, shape):
   return {c[0] for c in kept}
 
 
+_greedy_accept = jax.jit(tree.greedy_accept, static_argnums=2)
+_rejection_accept = jax.jit(tree.rejection_accept, static_argnums=3)
+
+
 def _path_sum_step(w_VxV, k, f):
   """A fake drafter whose logits at a node are Σ W[token] over the fed slots it may see."""
 
@@ -77,7 +81,8 @@ class GrowTest(_RaiseOnRankPromotion):
       w = rng.normal(size=(v, v)).astype(np.float32) * 2
       step_fn, carry = _path_sum_step(jnp.asarray(w), shape.top_k,
                                       (shape.depth - 1) * shape.top_k)
-      t, _ = tree.grow(jnp.asarray([7]), jnp.asarray(root)[None], step_fn, carry, shape)
+      grow = jax.jit(lambda r, l, c: tree.grow(r, l, step_fn, c, shape))  # pylint: disable=cell-var-from-loop
+      t, _ = grow(jnp.asarray([7]), jnp.asarray(root)[None], carry)
       paths = _paths(t, 0)
       self.assertEqual(set(paths), _ref_grow(root, w, shape))
       self.assertLen(paths, shape.total_tokens)
@@ -139,7 +144,7 @@ class GreedyAcceptTest(_RaiseOnRankPromotion):
     for argmax, (path, committed) in cases.items():
       self.assertEqual(_ref_greedy(list(argmax)), (path, committed[-1]))
       logits = jax.nn.one_hot(jnp.asarray(argmax), V)[None] * 3.0
-      res = tree.greedy_accept(t, logits, 3)
+      res = _greedy_accept(t, logits, 3)
       a = int(res.num_accepted_B[0])
       self.assertEqual(a, len(path))
       self.assertEqual(np.asarray(res.path_BxD[0, :a]).tolist(), path)
@@ -151,8 +156,8 @@ class GreedyAcceptTest(_RaiseOnRankPromotion):
     argmax = jnp.asarray([[5, 7, 0, 0, 4, 0, 8], [3, 0, 1, 0, 0, 6, 0], [4, 0, 0, 0, 0, 0, 0],
                           [5, 2, 0, 3, 0, 0, 0], [5, 8, 0, 0, 0, 0, 0]])
     logits = jax.nn.one_hot(argmax, V) * 3.0
-    g = tree.greedy_accept(t, logits, 3)
-    r = tree.rejection_accept(jax.random.PRNGKey(0), t, jax.nn.one_hot(argmax, V), 3)
+    g = _greedy_accept(t, logits, 3)
+    r = _rejection_accept(jax.random.PRNGKey(0), t, jax.nn.one_hot(argmax, V), 3)
     np.testing.assert_array_equal(g.committed_BxD1, r.committed_BxD1)
     np.testing.assert_array_equal(g.path_BxD, r.path_BxD)
 
@@ -195,7 +200,7 @@ class RejectionAcceptTest(_RaiseOnRankPromotion):
     node_p[3:] = rng.dirichlet(np.ones(V), size=4)  # depth-2 nodes: irrelevant to (t1, t2)
     t = _hand_tree(batch=n)
     probs = jnp.broadcast_to(jnp.asarray(node_p, jnp.float32)[None], (n,) + node_p.shape)
-    res = jax.jit(tree.rejection_accept, static_argnums=3)(jax.random.PRNGKey(2), t, probs, 3)
+    res = _rejection_accept(jax.random.PRNGKey(2), t, probs, 3)
     committed = np.asarray(res.committed_BxD1)
     t1 = committed[:, 0]
     # a round that ends at t1 leaves t2 to the next round, which samples p(. | t1)

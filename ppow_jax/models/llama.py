@@ -405,8 +405,9 @@ class Decoder(nn.Module):
 
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
   """Random parameters (unboxed), e.g. for tests and for the embedded default."""
-  variables = Decoder(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))
-  return nn.unbox(variables["params"])
+  # one compiled program (an eager init compiles each of its hundreds of ops on its own)
+  init = jax.jit(lambda key: Decoder(cfg).init(key, jnp.zeros((1, 2), jnp.int32)))
+  return nn.unbox(init(rng)["params"])
 
 
 def param_count(params) -> int:
