@@ -263,8 +263,10 @@ def make_ppow_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: rollout
                            (chunk(p.tokens_PxT), chunk(p.mask_PxT)))
       return p.replace(scores_PxT=scores.reshape(p.scores_PxT.shape))
 
-    refresh = (state.step > 0) & (state.step % cfg.pool_refresh_every == 0) & (rows > b)
-    pool = jax.lax.cond(refresh, rescore, lambda p: p, pool)
+    refresh = jnp.asarray(False)
+    if rows > b:  # a pool of one batch is scored as it joins: nothing to refresh or compile
+      refresh = (state.step > 0) & (state.step % cfg.pool_refresh_every == 0)
+      pool = jax.lax.cond(refresh, rescore, lambda p: p, pool)
     # 2. R windows across the pool, then their rows' target pass (room for G·K window slots)
     row_R, start_R, valid_R, chosen_R, pool = _select_windows(cfg, state.step, k_sel, pool, r)
     tokens_R = pool.tokens_PxT[row_R]

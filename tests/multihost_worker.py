@@ -104,7 +104,8 @@ def _train(c, par, name: str, make_step, init, target, consts, out_dir: str, ste
 def main(phase: str, out_dir: str) -> None:
   c = cli.load_config(CONFIG, [("ppow.window", "3"), ("ppow.group_size", "2"),
                                ("ppow.starts_per_seq", "2"), ("ppow.pool_size", "0"),
-                               ("ppow.selection", "uniform")])  # no top-k ties to break
+                               ("ppow.selection", "uniform"),  # no top-k ties to break
+                               ("ppow.adaw_scoring", "teacher_forced")])  # a smaller compile
   par = parallel.Parallel.from_config(c)
   target = par.place_target(TARGET, _random_params(TARGET, 0, 0.3))
   vocab = eagle3.build_draft_vocab(np.random.default_rng(2).integers(0, 100, TARGET.vocab_size),
