@@ -1,5 +1,4 @@
 """pytest collects the absltest suites; fake 8 CPU devices before JAX starts."""
-import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

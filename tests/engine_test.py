@@ -46,6 +46,19 @@ def sample_joint(eng, tp, dp, prompts, lens, reps: int, vocab: int) -> tuple[np.
   return counts, accepted
 
 
+def exact_joint(cfg: llama.ModelConfig, params, prompt: list[int],
+                temperature: float = 1.0) -> np.ndarray:
+  """p(x1, x2, x3 | prompt) at ``temperature``, by enumerating all V^3 continuations (in the
+  index order of ``sample_joint``'s counts)."""
+  model = llama.Decoder(cfg)
+  seqs = np.array([prompt + list(c) for c in itertools.product(range(cfg.vocab_size), repeat=3)])
+  logp = jax.jit(lambda p, x: jax.nn.log_softmax(model.apply({"params": p}, x) / temperature))(
+      params, jnp.asarray(seqs))
+  p = len(prompt)
+  logp = np.asarray(logp, np.float64)
+  return np.exp(sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3)))
+
+
 def chi2_test(counts: np.ndarray, expected: np.ndarray) -> tuple[float, int, float]:
   """(χ², degrees of freedom, p-value); cells expecting < 5 are pooled into one."""
   big = expected >= 5
@@ -146,17 +159,6 @@ class LosslessSamplingTest(parameterized.TestCase):
                           num_heads=2, num_kv_heads=1, max_position_embeddings=32,
                           initializer_range=0.5)
 
-  def _exact_joint(self, params, prompt, temperature):
-    """p(x1, x2, x3 | prompt) by enumerating all V^3 continuations."""
-    model = llama.Decoder(self.CFG)
-    seqs = np.array([prompt + list(c) for c in itertools.product(range(self.V), repeat=3)])
-    logp = jax.jit(lambda p, x: jax.nn.log_softmax(model.apply({"params": p}, x) / temperature))(
-        params, jnp.asarray(seqs))
-    p = len(prompt)
-    logp = np.asarray(logp, np.float64)
-    lp = sum(logp[np.arange(len(seqs)), p - 1 + i, seqs[:, p + i]] for i in range(3))
-    return np.exp(lp)
-
   @parameterized.parameters(1.0, 0.7)
   def test_joint_distribution_of_three_tokens(self, temperature):
     tp = llama.init_params(self.CFG, jax.random.PRNGKey(3))
@@ -169,7 +171,7 @@ class LosslessSamplingTest(parameterized.TestCase):
     counts, accepted = sample_joint(eng, tp, dp, prompts, lens, reps, self.V)
     self.assertGreater(accepted, 0.2 * rows * reps)  # rejections and acceptances both occur
     self.assertLess(accepted, 1.8 * rows * reps)
-    expected = self._exact_joint(tp, prompt, temperature) * rows * reps
+    expected = exact_joint(self.CFG, tp, prompt, temperature) * rows * reps
     chi2, dof, pval = chi2_test(counts, expected)
     self.assertGreater(pval, 1e-3, f"chi2={chi2:.1f} dof={dof}")
 
