@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline.feature_cache = True  # eagle3: target features computed once, reused every epoch
   c.baseline.feature_rows = 0  # rows with cached features (0 = steps * batch, at most an epoch)
   c.baseline.feature_dtype = "float16"  # storage dtype of cached features
+  # target context of cached features: 0 = each packed row alone (what a live step sees);
+  # N = each document alone from its start, up to N tokens (what inference sees)
+  c.baseline.feature_context = 2048
   c.baseline.support_only = False  # renormalise the target on the draft vocab (EAGLE-3's loss)
   c.baseline.optim = optim(3e-3, 20, 150)
 

@@ -111,13 +111,16 @@ def _feature_training(c, paths: layout.Layout, target_cfg: llama.ModelConfig, ta
   target features: at most ``feature_rows`` rows (default: what the stage would read)."""
   rows = feature_cache.packed_rows(data.train, data.tokenizer, c.data.seq_len,
                                    c.baseline.feature_rows or steps * batch)
+  context = c.baseline.feature_context
   key = feature_cache.digest(rows["tokens"], rows["loss_mask"], drafter.target_hidden_layers,
-                             c.baseline.feature_dtype, target_params=target_params)
+                             c.baseline.feature_dtype, context,
+                             *(rows["documents"] if context else ()), target_params=target_params)
   path = os.path.join(datasets.cache_dir(c, paths), f"features-{key}")
   print(f"[features] {rows['tokens'].shape[0]} rows x {c.data.seq_len} tokens -> {path}",
         flush=True)
   cache = feature_cache.build(path, rows, target_cfg, target_params,
-                              drafter.target_hidden_layers, c.baseline.feature_dtype)
+                              drafter.target_hidden_layers, c.baseline.feature_dtype,
+                              context=context)
   step = feature_training.make_step(drafter, settings.baseline(c), optimizer,
                                     c.baseline.support_only)
   structure = next(feature_cache.CachedIterator(cache, batch, 0))

@@ -13,6 +13,13 @@ later step cost the drafter only. Per training row of ``seq_len`` tokens the cac
   log-probabilities of the whole vocabulary (the loss need not renormalise on the draft one);
 * ``argmax``: the target's greedy token (EAGLE-3 drops positions whose argmax is not drafted).
 
+Where the target's context comes from (``context``): with 0, each packed row is run alone, as
+a live training step sees it (a conversation cut by a row boundary continues without its
+prompt, and a row's first document is read after the previous one's tail). With N > 0, each
+document is run alone from its own start (positions from 0, up to N tokens of context; a longer
+document is cut into N-token pieces), so every cached feature is what the target computes at
+inference, and the features are then laid out in the packed rows.
+
 Files are ``.npy`` (memory-mapped on read) in a directory named by a digest of everything that
 shaped them; it appears complete or not at all (temp dir + rename).
 """
@@ -33,6 +40,7 @@ import numpy as np
 
 from ppow_jax import cli, sharding
 from ppow_jax.data import pipeline
+from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
 
@@ -81,45 +89,96 @@ def digest(*parts: Any, target_params=None) -> str:
 def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int
                 ) -> dict[str, np.ndarray]:
   """One unshuffled epoch of the input pipeline's packed rows (rows with no loss token are
-  dropped), at most ``max_rows``."""
+  dropped), at most ``max_rows``: ``tokens``, ``loss_mask``, and for every token its document
+  (``doc``, an index into ``documents``; -1 on padding) and position in it (``pos``);
+  ``documents`` holds the token ids of every document."""
   it = pipeline.make_train_iterator(source, tokenizer, seq_len, 1, 0, num_epochs=1,
                                     shuffle=False, num_threads=0)
-  tokens, masks = [], []
-  for batch in it:
+  tokens, masks, kept = [], [], []
+  for r, batch in enumerate(it):
     if batch["loss_mask_BxT"].sum():
       tokens.append(batch["tokens_BxT"][0])
       masks.append(batch["loss_mask_BxT"][0])
+      kept.append(r)
     if len(tokens) == max_rows:
       break
   if not tokens:
     raise UserError("no training rows with loss tokens to compute target features for")
-  return {"tokens": np.stack(tokens), "loss_mask": np.stack(masks)}
+  info, docs, covered = tokenizer_lib.as_info(tokenizer), [], 0
+  for i in range(len(source)):  # the documents the kept rows come from, in pipeline order
+    if covered >= (kept[-1] + 1) * seq_len:
+      break
+    ids = pipeline.example_features(source[i], info)["tokens"]
+    if len(ids):
+      docs.append(ids)
+      covered += len(ids)
+  lengths = np.asarray([len(d) for d in docs], np.int64)
+  n = int(lengths.sum())
+  doc = np.full(-(-n // seq_len) * seq_len, -1, np.int32)
+  pos = np.full_like(doc, -1)
+  doc[:n] = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)
+  pos[:n] = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  doc, pos = doc.reshape(-1, seq_len)[kept], pos.reshape(-1, seq_len)[kept]
+  tokens = np.stack(tokens)
+  flat = np.concatenate(docs)
+  if not np.array_equal(np.where(doc >= 0, flat[_flat_index(lengths, doc, pos)], tokens), tokens):
+    raise AssertionError("packed rows do not follow the documents in order")
+  return {"tokens": tokens, "loss_mask": np.stack(masks), "doc": doc, "pos": pos,
+          "documents": docs}
 
 
-def build(path: str, rows: dict[str, np.ndarray], target_cfg: llama.ModelConfig,
-          target_params, hidden_layers: Sequence[int], dtype: str = "float16",
-          batch_size: int = 8) -> dict[str, np.ndarray]:
-  """Runs the target over ``rows`` and writes the cache to ``path`` (unless it exists)."""
+def _flat_index(lengths: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+  """Index into the concatenated documents of (doc, pos) (0 where doc < 0)."""
+  starts = np.cumsum(lengths) - lengths
+  return np.where(doc >= 0, starts[np.maximum(doc, 0)] + pos, 0)
+
+
+def _pieces(rows: dict, context: int) -> list[tuple[int, int, int]]:
+  """(document, start, length): pieces of at most ``context`` tokens that cover every
+  position of every document up to the last one the rows use."""
+  doc, pos = rows["doc"], rows["pos"]
+  last = np.full(len(rows["documents"]), -1)
+  np.maximum.at(last, doc[doc >= 0], pos[doc >= 0])
+  return [(d, s, min(context, int(last[d]) + 1 - s)) for d in np.flatnonzero(last >= 0)
+          for s in range(0, int(last[d]) + 1, context)]
+
+
+def build(path: str, rows: dict, target_cfg: llama.ModelConfig, target_params,
+          hidden_layers: Sequence[int], dtype: str = "float16", batch_size: int = 8,
+          context: int = 0) -> dict[str, np.ndarray]:
+  """Runs the target over ``rows`` and writes the cache to ``path`` (unless it exists).
+
+  ``context`` 0: each row alone (``rows`` needs ``tokens``, ``loss_mask``); N > 0: each
+  document alone from its start (``rows`` as ``packed_rows`` returns them; see the module
+  docstring). A call runs about ``batch_size`` rows' worth of tokens."""
   if os.path.isdir(path):
     return load(path)
   np_dtype = np.dtype(dtype)
   fn = jax.jit(lambda p, t: target_features(target_cfg, p, t, hidden_layers))
+  store = lambda k, v: v.astype(np_dtype) if v.dtype.kind == "f" and k != "lse" else v
   n, t = rows["tokens"].shape
-  out = {k: [] for k in FIELDS[2:]}
   t0 = time.perf_counter()
-  for start in range(0, n, batch_size):
-    chunk = rows["tokens"][start:start + batch_size]
-    pad = batch_size - len(chunk)
-    feats = sharding.to_host(fn(target_params, np.pad(chunk, ((0, pad), (0, 0)))))
-    for k, v in feats.items():
-      v = v[:len(chunk)]
-      out[k].append(v.astype(np_dtype) if v.dtype.kind == "f" and k != "lse" else v)
-    print(f"[features] {min(start + batch_size, n)}/{n} rows "
-          f"({(start + len(chunk)) * t / (time.perf_counter() - t0):.0f} tokens/s)", flush=True)
-  arrays = dict(rows, **{k: np.concatenate(v) for k, v in out.items()})
+  if context:
+    out = _by_document(fn, target_params, rows, context, batch_size * t, store, t0)
+  else:
+    parts = {k: [] for k in FIELDS[2:]}
+    for start in range(0, n, batch_size):
+      chunk = rows["tokens"][start:start + batch_size]
+      pad = batch_size - len(chunk)
+      feats = sharding.to_host(fn(target_params, np.pad(chunk, ((0, pad), (0, 0)))))
+      for k, v in feats.items():
+        parts[k].append(store(k, v[:len(chunk)]))
+      print(f"[features] {min(start + batch_size, n)}/{n} rows "
+            f"({(start + len(chunk)) * t / (time.perf_counter() - t0):.0f} tokens/s)", flush=True)
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+  rows = {k: rows[k] for k in FIELDS[:2]}
+  arrays = dict(rows, **out)
   big = max(float(np.abs(arrays["feats"]).max()), float(np.abs(arrays["final"]).max()))
   if not np.isfinite(big):
     raise UserError(f"target features overflow {dtype}; set the feature cache dtype to float32")
+  print(f"[features] the target's greedy token is the data's next token on "
+        f"{greedy_agreement(arrays):.4f} of the loss targets (1.0 for its own greedy answers "
+        f"seen in full context)", flush=True)
   if sharding.is_primary():  # every process computed the features; process 0 writes them
     tmp = cli.staging_dir(path)
     try:
@@ -132,6 +191,50 @@ def build(path: str, rows: dict[str, np.ndarray], target_cfg: llama.ModelConfig,
   sharding.sync("feature cache written")
   logging.info("target features of %d x %d tokens cached in %s", n, t, path)
   return load(path)
+
+
+def _by_document(fn, target_params, rows: dict, context: int, budget: int, store,
+                 t0: float) -> dict[str, np.ndarray]:
+  """The cache's feature fields ``[N, T, ...]`` with each document run alone (padding rows
+  stay zero). Pieces are grouped by length rounded up to a power of two (few compiles)."""
+  n, t = rows["tokens"].shape
+  docs = rows["documents"]
+  lengths = np.asarray([len(d) for d in docs], np.int64)
+  # where each (document, position) lands in the rows, -1 where no kept row holds it
+  slot = np.full(int(lengths.sum()), -1, np.int64)
+  used = rows["doc"] >= 0
+  slot[_flat_index(lengths, rows["doc"], rows["pos"])[used]] = np.flatnonzero(used.ravel())
+  starts = np.cumsum(lengths) - lengths
+  pieces = _pieces(rows, context)
+  out, done, total = {}, 0, sum(p[2] for p in pieces)
+  by_len = {}
+  for p in pieces:
+    by_len.setdefault(min(context, 1 << max(int(p[2] - 1).bit_length(), 4)), []).append(p)
+  for width, group in sorted(by_len.items()):
+    per_call = max(1, budget // width)
+    for i in range(0, len(group), per_call):
+      batch = group[i:i + per_call]
+      ids = np.zeros((per_call, width), np.int32)
+      for j, (d, s, m) in enumerate(batch):
+        ids[j, :m] = docs[d][s:s + m]
+      feats = sharding.to_host(fn(target_params, ids))
+      for k, v in feats.items():
+        if k not in out:
+          out[k] = np.zeros((n * t,) + v.shape[2:], store(k, v[:0]).dtype)
+        for j, (d, s, m) in enumerate(batch):
+          to = slot[starts[d] + s:starts[d] + s + m]
+          out[k][to[to >= 0]] = store(k, v[j, :m][to >= 0])
+      done += sum(p[2] for p in batch)
+      print(f"[features] {done}/{total} document tokens "
+            f"({done / (time.perf_counter() - t0):.0f} tokens/s)", flush=True)
+  return {k: v.reshape((n, t) + v.shape[1:]) for k, v in out.items()}
+
+
+def greedy_agreement(cache: dict[str, np.ndarray]) -> float:
+  """Fraction of loss targets (token t+1 with loss mask 1) equal to the target's argmax at t."""
+  targets = np.asarray(cache["loss_mask"])[:, 1:].astype(bool)
+  hits = np.asarray(cache["argmax"])[:, :-1] == np.asarray(cache["tokens"])[:, 1:]
+  return float(hits[targets].mean()) if targets.any() else float("nan")
 
 
 def load(path: str) -> dict[str, np.ndarray]:

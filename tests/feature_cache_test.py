@@ -12,6 +12,7 @@ import numpy as np
 
 from ppow_jax import (cli, feature_cache, feature_training, settings, teacher_forcing,
                       train_step)
+from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.drafters import Eagle3FeatureDrafter
 from ppow_jax.models import eagle3, llama
 
@@ -150,6 +151,43 @@ class FeatureCacheTest(absltest.TestCase):
         count += 1
     self.assertGreater(count, 0)
     np.testing.assert_allclose(float(loss), total / count, rtol=1e-4)
+
+  def test_document_context_gives_each_token_its_whole_document_pass(self):
+    docs = [f"item {k}: " + "alpha beta gamma delta " * k for k in (3, 6, 2, 5)]
+    tok = tokenizer_lib.train_bpe(docs, 300)
+    cfg = dataclasses.replace(TARGET, vocab_size=tok.get_vocab_size())
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    layers, seq_len = (1, 2, 3), 16
+    rows = feature_cache.packed_rows(docs, tok, seq_len, 100)
+    doc, pos = rows["doc"], rows["pos"]
+    self.assertGreater(int((pos[:, 0] > 0).sum()), 1)  # documents continue across rows
+    for r, t in zip(*np.nonzero(doc >= 0)):
+      self.assertEqual(rows["tokens"][r, t], rows["documents"][doc[r, t]][pos[r, t]])
+    fn = jax.jit(lambda p, t: feature_cache.target_features(cfg, p, t, layers))
+    with tempfile.TemporaryDirectory() as d:
+      build = lambda name, context: feature_cache.build(
+          os.path.join(d, name), rows, cfg, params, layers, "float32", batch_size=2,
+          context=context)
+      whole, pieces, alone = build("whole", 64), build("pieces", 8), build("rows", 0)
+      cont = (doc >= 0) & (pos > np.arange(seq_len))  # the row does not hold the doc's start
+      for k in ("feats", "final", "lse", "argmax"):
+        for r, t in zip(*np.nonzero(doc >= 0)):
+          ids = rows["documents"][doc[r, t]]
+          ref = fn(params, jnp.asarray(ids[None]))[k][0, pos[r, t]]
+          np.testing.assert_allclose(whole[k][r, t], ref, rtol=1e-4, atol=1e-4)
+          start = pos[r, t] // 8 * 8  # 8-token pieces, each run from its own start
+          ref8 = fn(params, jnp.asarray(ids[None, start:start + 8]))[k][0, pos[r, t] - start]
+          np.testing.assert_allclose(pieces[k][r, t], ref8, rtol=1e-4, atol=1e-4)
+      # a row run alone loses the context of a document that began in an earlier row
+      self.assertGreater(float(np.abs(alone["final"][cont] - whole["final"][cont]).max()), 1e-2)
+      np.testing.assert_allclose(alone["final"][pos == np.arange(seq_len)],
+                                 whole["final"][pos == np.arange(seq_len)], atol=1e-4)
+
+  def test_greedy_agreement_compares_the_argmax_with_the_next_token(self):
+    cache = {"tokens": np.array([[1, 2, 3, 4, 5]]), "loss_mask": np.array([[0, 1, 1, 1, 0]]),
+             "argmax": np.array([[2, 3, 9, 5, 5]])}
+    # loss targets are tokens 1..3; the argmax before them is 2, 3, 9: two of three agree
+    self.assertAlmostEqual(feature_cache.greedy_agreement(cache), 2 / 3)
 
   def test_iterator_resumes_the_same_stream(self):
     self.enterContext(jax.numpy_rank_promotion("raise"))
