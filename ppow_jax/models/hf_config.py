@@ -45,7 +45,8 @@ def read_json(path: str) -> dict:
   return data
 
 
-def _architecture(raw: dict, path: str) -> str:
+def architecture(raw: dict, path: str) -> str:
+  """The (one, built-in) architecture a config.json names."""
   if "auto_map" in raw:
     raise UserError(f"{path}: the model needs remote code (auto_map: {sorted(raw['auto_map'])}); "
                     f"only built-in {', '.join(ARCHITECTURES)} are supported")
@@ -106,7 +107,7 @@ def _sliding_window(raw: dict, arch: str, num_layers: int, path: str) -> int:
 
 
 def parse_config(raw: dict, path: str, dtype: str, param_dtype: str) -> llama.ModelConfig:
-  arch = _architecture(raw, path)
+  arch = architecture(raw, path)
   model_type = MODEL_TYPE[arch]
 
   def get_int(key: str, default: Optional[int] = None) -> int:
