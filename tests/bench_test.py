@@ -118,9 +118,20 @@ class PeersTest(absltest.TestCase):
     self.assertTrue(result["hf"]["same_tokens_as_ours"])
     self.assertGreater(result["ours_over_hf"], 0.0)
 
-
-if __name__ == "__main__":
-  absltest.main()
+  def test_table_says_how_llamacpp_output_was_compared(self):
+    lc = {"spec_tokens_per_s": 50.0, "ar_tokens_per_s_llama_bench": 40.0, "tau": 2.0,
+          "spec_decode_only_tokens_per_s": 55.0}
+    base = {"ours": {"spec_tokens_per_s": 60.0, "ar_tokens_per_s": 45.0, "tau": 2.0,
+                     "spec_equals_ar": True},
+            "load_avg_start_1_5_15": [1.0], "load_avg_end_1_5_15": [1.5],
+            "ours_over_llamacpp": 1.2}
+    by_ids = peers.format_table(dict(base, llamacpp=dict(
+        lc, identical_on_common_prefix=True, compared_tokens=64, first_mismatch=None)))
+    self.assertIn("True on 64 tokens", by_ids)
+    by_text = peers.format_table(dict(base, llamacpp=dict(
+        lc, same_text_as_ours=False, compared_characters=120)))
+    self.assertIn("text False on 120 characters", by_text)
+    self.assertIn("ours_over_llamacpp: 1.20", by_text)
 
 
 class CompareTest(absltest.TestCase):
@@ -165,3 +176,7 @@ class CompareTest(absltest.TestCase):
       with self.assertRaisesRegex(UserError, message):
         compare.parse_drafters(items)
     self.assertEqual(compare.parse_drafters([f"a={tmp}", f" b = {tmp}"]), {"a": tmp, "b": tmp})
+
+
+if __name__ == "__main__":
+  absltest.main()

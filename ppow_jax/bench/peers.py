@@ -327,6 +327,11 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
         "gguf": lc.models}
     if lc_tokens is not None:
       result["llamacpp"].update(_common_prefix(ours.tokens("spec"), lc_tokens))
+    elif lc.text is not None:  # a real tokenizer: compare the text (llama.cpp may overshoot)
+      ours_text = tok.decode(ours.tokens("spec"), skip_special_tokens=False)
+      n = min(len(ours_text), len(lc.text))
+      result["llamacpp"]["same_text_as_ours"] = ours_text[:n] == lc.text[:n]
+      result["llamacpp"]["compared_characters"] = n
     result["ours_over_llamacpp"] = ours_tps / e2e
     result["ours_over_llamacpp_decode_only"] = ours_tps / dec
   result["load_avg_end_1_5_15"] = list(os.getloadavg())
@@ -346,11 +351,12 @@ def format_table(r: dict) -> str:
   if "llamacpp" in r:
     lc = r["llamacpp"]
     ar = lc["ar_tokens_per_s_llama_bench"]
+    same = (f"{lc.get('identical_on_common_prefix')} on {lc.get('compared_tokens')} tokens "
+            f"(first mismatch {lc.get('first_mismatch')})" if "compared_tokens" in lc else
+            f"text {lc.get('same_text_as_ours')} on {lc.get('compared_characters')} characters")
     lines.append(f"{'llama.cpp':10} {lc['spec_tokens_per_s']:10.1f} "
-                 f"{(f'{ar:9.1f}' if ar else '        -')} {lc['tau']:6.2f}  "
-                 f"{lc.get('identical_on_common_prefix')} on {lc.get('compared_tokens')} tokens "
-                 f"(first mismatch {lc.get('first_mismatch')}); decode-only "
-                 f"{lc['spec_decode_only_tokens_per_s']:.1f} tok/s")
+                 f"{(f'{ar:9.1f}' if ar else '        -')} {lc['tau']:6.2f}  {same}; "
+                 f"decode-only {lc['spec_decode_only_tokens_per_s']:.1f} tok/s")
   for key in ("ours_over_hf", "ours_over_llamacpp", "ours_over_llamacpp_decode_only"):
     if key in r:
       lines.append(f"{key}: {r[key]:.2f}")
