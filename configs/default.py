@@ -19,7 +19,8 @@ Variants (``configs/default.py:<variant>``):
   (none)  the demo;
   quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine;
   self_instruct=N  also N requests the target writes itself (chat-like; README),
-          and 450 baseline steps: about 35 more minutes here, chat acceptance up (BENCHMARKS.md).
+          and 900 baseline steps (~10-15 minutes of training here): chat acceptance up
+          (BENCHMARKS.md).
 """
 
 import importlib.util
@@ -74,9 +75,9 @@ def get_config(arg=None):
   if v.self_instruct:
     c.data.self_instructions = v.self_instruct
     c.data.regenerate_batch_size = 64  # the target answers faster in larger batches
-    c.baseline.steps = 450
-    c.baseline.ttt_from_step = 330
-    c.baseline.optim = common.optim(3e-3, 20, 450)
+    c.baseline.steps = 900  # the 15-minute training budget of this CPU (BENCHMARKS.md)
+    c.baseline.ttt_from_step = 660
+    c.baseline.optim = common.optim(3e-3, 20, 900)
   if v.quick:
     c.data.num_instructions = 8
     c.data.heldout_instructions = 4

@@ -170,14 +170,17 @@ class FeatureCacheTest(absltest.TestCase):
           context=context)
       whole, pieces, alone = build("whole", 64), build("pieces", 8), build("rows", 0)
       cont = (doc >= 0) & (pos > np.arange(seq_len))  # the row does not hold the doc's start
+      width = 64  # one compiled shape: documents right-padded (causal, so padding is unseen)
+      pad = lambda ids: jnp.asarray(np.pad(ids, (0, width - len(ids)))[None])
+      ref = [fn(params, pad(ids)) for ids in rows["documents"]]
+      ref8 = {(d, s): fn(params, pad(ids[s:s + 8]))  # 8-token pieces, each from its own start
+              for d, ids in enumerate(rows["documents"]) for s in range(0, len(ids), 8)}
       for k in ("feats", "final", "lse", "argmax"):
         for r, t in zip(*np.nonzero(doc >= 0)):
-          ids = rows["documents"][doc[r, t]]
-          ref = fn(params, jnp.asarray(ids[None]))[k][0, pos[r, t]]
-          np.testing.assert_allclose(whole[k][r, t], ref, rtol=1e-4, atol=1e-4)
-          start = pos[r, t] // 8 * 8  # 8-token pieces, each run from its own start
-          ref8 = fn(params, jnp.asarray(ids[None, start:start + 8]))[k][0, pos[r, t] - start]
-          np.testing.assert_allclose(pieces[k][r, t], ref8, rtol=1e-4, atol=1e-4)
+          d, p = doc[r, t], pos[r, t]
+          np.testing.assert_allclose(whole[k][r, t], ref[d][k][0, p], rtol=1e-4, atol=1e-4)
+          np.testing.assert_allclose(pieces[k][r, t], ref8[d, p // 8 * 8][k][0, p % 8],
+                                     rtol=1e-4, atol=1e-4)
       # a row run alone loses the context of a document that began in an earlier row
       self.assertGreater(float(np.abs(alone["final"][cont] - whole["final"][cont]).max()), 1e-2)
       np.testing.assert_allclose(alone["final"][pos == np.arange(seq_len)],

@@ -243,8 +243,8 @@ class _LlamaCpp:
     self.runs.append({"n_predict": n, "encode_s": enc_s, "decode_s": dec_s, "wall_s": wall,
                       "n_drafted": grab(r"n_drafted\s*=\s*(\d+)", int),
                       "n_accept": grab(r"n_accept\s*=\s*(\d+)", int)})
-    self.text = next((ln[len(self.echo):] for ln in proc.stdout.splitlines()
-                      if ln.startswith(self.echo)), None)
+    at = proc.stdout.find(self.echo)  # stdout is the prompt, then the generated text
+    self.text = proc.stdout[at + len(self.echo):].rstrip("\n") if at >= 0 else None
 
   def tokens(self) -> Optional[list[int]]:
     """Ids of the printed text: exact for a tokenizer of one-character pieces, else None."""
