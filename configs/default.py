@@ -19,7 +19,7 @@ Variants (``configs/default.py:<variant>``):
   (none)  the demo;
   quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine;
   self_instruct=N  also N requests the target writes itself (chat-like; README),
-          and 900 baseline steps (~10-15 minutes of training here): chat acceptance up
+          and 900 baseline steps (~10 minutes of training here): chat acceptance up
           (BENCHMARKS.md).
 """
 
