@@ -109,9 +109,9 @@ def _feature_training(c, paths: layout.Layout, target_cfg: llama.ModelConfig, ta
                       vocab, data: datasets.Data, optimizer, steps: int, batch: int, seed: int):
   """(step, iterator, step constants, batch structure) of a token-level stage on cached
   target features: at most ``feature_rows`` rows (default: what the stage would read)."""
-  rows = feature_cache.packed_rows(data.train, data.tokenizer, c.data.seq_len,
-                                   c.baseline.feature_rows or steps * batch)
   context = c.baseline.feature_context
+  rows = feature_cache.packed_rows(data.train, data.tokenizer, c.data.seq_len,
+                                   c.baseline.feature_rows or steps * batch, locate=context > 0)
   key = feature_cache.digest(rows["tokens"], rows["loss_mask"], drafter.target_hidden_layers,
                              c.baseline.feature_dtype, context,
                              *(rows["documents"] if context else ()), target_params=target_params)

@@ -86,12 +86,13 @@ def digest(*parts: Any, target_params=None) -> str:
   return h.hexdigest()[:16]
 
 
-def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int
-                ) -> dict[str, np.ndarray]:
+def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int,
+                locate: bool = True) -> dict[str, np.ndarray]:
   """One unshuffled epoch of the input pipeline's packed rows (rows with no loss token are
-  dropped), at most ``max_rows``: ``tokens``, ``loss_mask``, and for every token its document
-  (``doc``, an index into ``documents``; -1 on padding) and position in it (``pos``);
-  ``documents`` holds the token ids of every document."""
+  dropped), at most ``max_rows``: ``tokens``, ``loss_mask``, and with ``locate`` (what
+  ``build`` needs for ``context`` > 0; it tokenises the documents once more) for every token
+  its document (``doc``, an index into ``documents``; -1 on padding) and position in it
+  (``pos``); ``documents`` holds the token ids of every document."""
   it = pipeline.make_train_iterator(source, tokenizer, seq_len, 1, 0, num_epochs=1,
                                     shuffle=False, num_threads=0)
   tokens, masks, kept = [], [], []
@@ -104,6 +105,8 @@ def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int
       break
   if not tokens:
     raise UserError("no training rows with loss tokens to compute target features for")
+  if not locate:
+    return {"tokens": np.stack(tokens), "loss_mask": np.stack(masks)}
   info, docs, covered = tokenizer_lib.as_info(tokenizer), [], 0
   for i in range(len(source)):  # the documents the kept rows come from, in pipeline order
     if covered >= (kept[-1] + 1) * seq_len:
