@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- PPOW (starts from the baseline drafter) ---
   c.ppow = ml_collections.ConfigDict()
   c.ppow.steps = 60  # optimizer steps (each: one rollout, ppo_epochs updates)
+  c.ppow.seed = 0  # added to the PPOW and control stages' seed (rng, data order): study seeds
   c.ppow.batch_size = 4  # sequences per step
   c.ppow.window = 6  # K: tokens per sampled window
   c.ppow.group_size = 8  # G: windows per start (advantages standardised within)
@@ -155,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.window = -1  # K at evaluation; -1 = ppow.window (train and evaluate one K)
   c.eval.tree = ()  # also EAGLE-2 trees: (total_tokens, depth, top_k); () or (0, 0, 0) = chain only
   c.eval.batch_sizes = (1, 8)  # 1 = the speedup protocol; >1 = batched throughput
-  c.eval.repeats = 3  # timed runs; speedups use the median
+  c.eval.repeats = 3  # timed runs; speedups use the median (0: τ and α̂ only, not timed)
   c.eval.eos = True  # stop at the tokenizer's EOS
 
   # --- Mesh and sharding (see docs/scale_out.md) ---

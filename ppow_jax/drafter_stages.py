@@ -148,7 +148,7 @@ def run_stage(c, paths: layout.Layout, name: str, target_cfg: llama.ModelConfig,
   trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
   steps, batch, optim_node, updates_per_batch = stage.schedule(c)
   optimizer = train_step.make_optimizer(settings.optim(optim_node))
-  seed = c.seed + stage.seed_offset
+  seed = stages.stage_seed(c, name)
   if name == "ppow":
     pcfg = settings.ppow(c, gamma)
     step = train_step.make_ppow_step(target_cfg, drafter, pcfg, optimizer,

@@ -28,6 +28,11 @@ def batches(prompts: list[list[int]], batch_size: int, min_length: int):
           for i in range(0, usable, batch_size)]
 
 
+def _tokens_per_s(tokens: list, times: list) -> Optional[float]:
+  """New tokens over the median timed run; None without timed runs (``repeats = 0``)."""
+  return sum(len(t) for t in tokens) / float(np.median(times)) if times else None
+
+
 def decode_all(eng: engine.Engine, tparams, dparams, batches, rng) -> list:
   """Every batch, dispatched back to back (the timed unit)."""
   return [eng.generate(tparams, dparams, p, l, rng) for p, l in batches]
@@ -57,6 +62,8 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
              log: Optional[Any] = print,
              tree_shape: Optional[tree.TreeShape] = None) -> list[dict]:
   """Rows ``{temperature, drafter, drafting, batch_size, tau, ..., tokens_per_s, speedup}``.
+
+  ``repeats = 0``: τ and α̂ only, from the one untimed run (tokens/s and speedup are None).
 
   ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically. With
   ``tree_shape`` each drafter gets a second row, drafted as that tree.
@@ -89,17 +96,17 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
         toks, stats = collect(timed.first[key])
         results[key] = {"times": timed.seconds[key], "tokens": toks, "stats": stats}
       ar = results["ar", "chain"]
-      ar_tps = sum(len(t) for t in ar["tokens"]) / float(np.median(ar["times"]))
+      ar_tps = _tokens_per_s(ar["tokens"], ar["times"])
       for (name, drafting), res in results.items():
         n_tokens = sum(len(t) for t in res["tokens"])
-        tps = n_tokens / float(np.median(res["times"]))
+        tps = _tokens_per_s(res["tokens"], res["times"])
         summary = res["stats"].summary()
         row = {"temperature": float(temperature), "drafter": name, "drafting": drafting,
                "batch_size": bs,
                "window": 0 if name == "ar" else (window if drafting == "chain"
                                                  else tree_shape.depth), **summary,
-               "tokens_per_s": tps, "speedup": tps / ar_tps,
-               "seconds_median": float(np.median(res["times"])),
+               "tokens_per_s": tps, "speedup": None if tps is None else tps / ar_tps,
+               "seconds_median": float(np.median(res["times"])) if repeats else None,
                "seconds_all": res["times"], "new_tokens": n_tokens,
                "num_prompts": len(res["tokens"])}
         if drafting == "tree":  # α̂ is by depth; the analytic fields are defined for chains
@@ -113,8 +120,9 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
           row["greedy_matches_ar"] = res["tokens"] == ar["tokens"]
         rows.append(row)
         if log:
+          speed = f" tokens/s={tps:.1f} speedup={row['speedup']:.2f}x" if repeats else ""
           log(f"[eval] T={temperature} batch={bs} {name:>10} {drafting:>5}: "
-              f"tau={row['tau']:.3f} tokens/s={tps:.1f} speedup={row['speedup']:.2f}x")
+              f"tau={row['tau']:.3f}{speed}")
   return rows
 
 

@@ -130,7 +130,7 @@ def get_target(c, paths: layout.Layout, data: datasets.Data, train: bool,
   state = par.place_target_state(cfg, train_step.init_state(params, optimizer,
                                                             jax.random.PRNGKey(c.seed + 1)))
   step, _ = _lm_step(cfg, optimizer)
-  it = datasets.train_iterator(data, c.data.seq_len + 1, batch, c.seed + stage.seed_offset)
+  it = datasets.train_iterator(data, c.data.seq_len + 1, batch, stages.stage_seed(c, "target"))
   jitted = par.jit_train_step(step, state, None, None, parallel.batch_structure(
       batch, c.data.seq_len + 1))
   writer = MetricWriter(paths.tensorboard("target"))

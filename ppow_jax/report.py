@@ -15,6 +15,14 @@ def _num(x, fmt: str = ".3f") -> str:
   return "–" if x is None else format(x, fmt)
 
 
+def _speedup(x) -> str:
+  return "–" if x is None else f"{x:.2f}×"
+
+
+def _ratio(a, b):
+  return None if a is None or b is None else a / b
+
+
 def _drafting(r: dict) -> str:
   """"chain", or "tree" with its (total_tokens, depth, top_k)."""
   return "tree " + "/".join(map(str, r["tree"])) if "tree" in r else r.get("drafting", "chain")
@@ -32,8 +40,8 @@ def table(rows: list[dict]) -> str:
     lines.append(
         f"| {r.get('benchmark', '–')} | {r['temperature']:g} | {r['batch_size']} | "
         f"{r['drafter']} | {_drafting(r)} | {r['tau']:.3f} | "
-        f"{_num(r['tau_analytic'])} | {alpha} | {r['tokens_per_s']:.1f} | "
-        f"{r['speedup']:.2f}× | {'–' if same is None else ('yes' if same else 'NO')} |")
+        f"{_num(r['tau_analytic'])} | {alpha} | {_num(r['tokens_per_s'], '.1f')} | "
+        f"{_speedup(r['speedup'])} | {'–' if same is None else ('yes' if same else 'NO')} |")
   return head + "\n".join(lines) + "\n"
 
 
@@ -48,8 +56,8 @@ def _chain_vs_tree(rows: list[dict]) -> str:
       lines.append(
           f"| {t.get('benchmark', '–')} | {t['temperature']:g} | {t['batch_size']} | "
           f"{t['drafter']} | {_drafting(t)} | {c['tau']:.3f} | {t['tau']:.3f} | "
-          f"{t['tau'] / c['tau']:.2f} | {c['speedup']:.2f}× | {t['speedup']:.2f}× | "
-          f"{t['tokens_per_s'] / c['tokens_per_s']:.2f} |")
+          f"{t['tau'] / c['tau']:.2f} | {_speedup(c['speedup'])} | {_speedup(t['speedup'])} | "
+          f"{_num(_ratio(t['tokens_per_s'], c['tokens_per_s']), '.2f')} |")
   if not lines:
     return ""
   return ("| prompts | T | batch | drafter | tree | chain τ | tree τ | tree ÷ chain τ | "

@@ -17,12 +17,26 @@ from ppow_jax import (datasets, drafter_stages, drafters, evaluate, gamma as gam
 from ppow_jax.errors import UserError
 
 
-def _devices(c) -> list:
+def mesh(c) -> parallel.Parallel:
+  """The run's mesh over ``config.mesh.num_devices`` devices (one that does not fit: UserError)."""
   available = jax.devices()
   if c.mesh.num_devices > len(available):
     raise UserError(f"config.mesh.num_devices={c.mesh.num_devices}: only {len(available)} "
                     f"devices are available")
-  return available if c.mesh.num_devices < 0 else available[:c.mesh.num_devices]
+  chosen = available if c.mesh.num_devices < 0 else available[:c.mesh.num_devices]
+  return parallel.Parallel.from_config(c, chosen)
+
+
+def data_and_target(c, paths: layout.Layout, par: parallel.Parallel, train_target: bool):
+  """(data, target config, target params placed on the mesh, target info) of a workdir:
+  the target pretrained there when ``train_target``, else loaded (given or pretrained before)."""
+  print(f"[data] {c.data.corpus or c.data.conversations or c.data.tfds_name}", flush=True)
+  data = datasets.load(c, paths)
+  print(f"[data] {data.description}: {len(data.train)} train / {len(data.heldout)} held-out "
+        f"documents; vocab {data.tokenizer.vocab_size}", flush=True)
+  target_cfg, target_params, target_info = pretrain.get_target(c, paths, data, train_target,
+                                                               par)
+  return data, target_cfg, par.place_target(target_cfg, target_params), target_info
 
 
 def _gamma(c, target_cfg, target_params, drafter, params) -> float:
@@ -47,7 +61,7 @@ def run(c, workdir: str, retrain: tuple[str, ...] = ()) -> str:
   if bad:
     raise UserError(f"--retrain: unknown stage {bad[0]!r}; expected some of "
                     f"{stages.NAMES[:-1]}")
-  par = parallel.Parallel.from_config(c, _devices(c))  # a mesh that does not fit fails here
+  par = mesh(c)  # a mesh that does not fit fails here
   paths = layout.Layout(workdir)
   primary = sharding.is_primary()
   if primary:
@@ -68,13 +82,8 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
   chosen = stages.chosen(c)
   logging.info("process %d/%d, mesh: %s", jax.process_index(), jax.process_count(),
                dict(par.mesh.shape))
-  print(f"[data] {c.data.corpus or c.data.conversations or c.data.tfds_name}", flush=True)
-  data = datasets.load(c, paths)
-  print(f"[data] {data.description}: {len(data.train)} train / {len(data.heldout)} held-out "
-        f"documents; vocab {data.tokenizer.vocab_size}", flush=True)
-  target_cfg, target_params, target_info = pretrain.get_target(c, paths, data,
-                                                               "target" in chosen, par)
-  target_params = par.place_target(target_cfg, target_params)
+  data, target_cfg, target_params, target_info = data_and_target(c, paths, par,
+                                                                 "target" in chosen)
   data = datasets.regenerate(c, data, target_cfg, target_params, paths=paths)
   drafter, init = drafter_stages.build_drafter(c, target_cfg, data, target_params)
   training = {}
@@ -105,7 +114,8 @@ def _run(c, paths: layout.Layout, par: parallel.Parallel) -> str:
                                 data.tokenizer.eos_id)
   ppow_gamma = (training.get("ppow") or {}).get("gamma", c.ppow.gamma)
   protocol = {"tau": "sum committed / sum verification calls, bonus token included",
-              "speedup": f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs",
+              "speedup": (f"tokens/s vs AR, median of {c.eval.repeats} interleaved runs"
+                          if c.eval.repeats else "not timed (eval.repeats = 0)"),
               "window": settings.eval_window(c), "max_new_tokens": c.eval.max_new_tokens,
               "drafting": ["chain", "tree"] if tree_shape else ["chain"],
               "tree": list(c.eval.tree) if tree_shape else [],

@@ -18,6 +18,7 @@ from ppow_jax.errors import UserError
 class Stage:
   name: str
   seed_offset: int  # the stage's initial rng and data order come from seed + seed_offset
+  # (+ ppow.seed for PPOW and its control: ``stage_seed``)
   starts_from: Optional[str]  # the stage whose result it starts from (None: nothing)
   shaped_by: tuple[str, ...]  # config keys (or subtrees) that shape its artifact, besides
   # those of the stage it starts from
@@ -40,12 +41,21 @@ TABLE: tuple[Stage, ...] = (
     Stage("ppow", 200, "baseline", ("ppow",),
           lambda c: (c.ppow.steps, c.ppow.batch_size, c.ppow.optim, 1)),
     Stage("continued", 200, "baseline",  # PPOW's seed offset: PPOW's sequences, in order
-          ("continued", "ppow.steps", "ppow.batch_size", "ppow.ppo_epochs"), _continued),
+          ("continued", "ppow.seed", "ppow.steps", "ppow.batch_size", "ppow.ppo_epochs"),
+          _continued),
     Stage("eval", 0, None, (), None),
 )
 BY_NAME = {s.name: s for s in TABLE}
 NAMES = tuple(BY_NAME)
 DRAFTERS = ("baseline", "ppow", "continued")
+
+
+def stage_seed(c, name: str) -> int:
+  """The seed of a stage's rng and data order. PPOW and the continued control add
+  ``ppow.seed`` (the study's seeds: the same baseline, other rollouts and batches), and share
+  their offset, so the control reads PPOW's sequences in PPOW's order."""
+  extra = c.ppow.seed if name in ("ppow", "continued") else 0
+  return c.seed + BY_NAME[name].seed_offset + extra
 
 
 def chosen(c) -> tuple[str, ...]:

@@ -13,8 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl.testing import absltest
 import numpy as np
+import safetensors.numpy
 
-from ppow_jax import cli, layout, run
+from ppow_jax import cli, layout, report, run, study
 from ppow_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +160,37 @@ class MainPipelineTest(absltest.TestCase):
     self.assertIn("| tree 4/2/2 |", md)
     self.assertIn("tree ÷ chain τ", md)
     self.assertEqual(md.count("| ppow | tree 4/2/2 |"), 2)  # the table and the side by side
+
+  def test_study_reproduces_the_main_job_and_compares_each_seed_with_its_control(self):
+    """The study's seed-0 run of the ppow arm is this class's main job (same baseline, same
+    settings): the same drafters, bit for bit; its table is built from its own evaluation."""
+    root = os.path.join(self.tmp.name, "study")
+    result = study.study(self.config, root, ["ppow"], [0], self.workdir, timed=False)
+    runs = layout.Layout(os.path.join(root, "runs", "ppow-s0"))
+    self.assertTrue(os.path.islink(runs.export("baseline")))  # one baseline for every run
+    for stage in ("ppow", "continued"):
+      got = safetensors.numpy.load_file(os.path.join(runs.export(stage), "model.safetensors"))
+      want = safetensors.numpy.load_file(os.path.join(self.paths.export(stage),
+                                                      "model.safetensors"))
+      self.assertEqual(sorted(got), sorted(want))
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{stage} {key}")
+    tau = {(r["temperature"], r["drafter"]): r["tau"] for r in result["rows"]}
+    for r in result["summary"]:
+      self.assertEqual(r["benchmark"], "heldout")
+      if r["arm"] == "ppow":
+        t = r["temperature"]
+        self.assertAlmostEqual(r["over_control_per_seed"][0],
+                               tau[t, "ppow@s0"] / tau[t, "continued@s0"])
+    self.assertEqual({r["arm"] for r in result["summary"]}, {"baseline", "continued", "ppow"})
+    self.assertEqual({r["batch_size"] for r in result["rows"]}, {self.config.eval.num_prompts})
+    # untimed (eval.repeats = 0): τ and α̂ only; the report's table shows no speed
+    self.assertEqual({(r["tokens_per_s"], r["speedup"]) for r in result["rows"]}, {(None, None)})
+    self.assertIn("| – | – | yes |", report.table(result["rows"]))
+    self.assertEqual(result["training"]["continued@s0"]["iterator_seed"],
+                     result["training"]["ppow@s0"]["iterator_seed"])
+    for name in ("study.json", "study.md", "study_tau.png"):
+      self.assertTrue(os.path.isfile(os.path.join(root, name)), name)
 
   def test_missing_corpus_is_a_clear_error(self):
     c = _smoke_config()
