@@ -207,6 +207,9 @@ def rollout(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: PPOWConfig, ta
       "accepted_hist": jnp.bincount(jnp.where(valid_N, res.num_accepted_B, k + 1),
                                     length=k + 2)[:k + 1],
       "zero_advantage_groups": jnp.mean(jnp.all(adv_N.reshape(-1, g) == 0, axis=-1)),
+      # Δ of the windows the proximity reward is for (a = 0): what ppow.prox_eps compares with
+      "prox_gap_rejected": (jnp.sum(jnp.where(valid_N & (res.num_accepted_B == 0), delta_N, 0.0))
+                            / jnp.maximum(jnp.sum(valid_N & (res.num_accepted_B == 0)), 1)),
       "valid_windows": valid_R.mean(),
   }
   return Rollout(seq_N, start_N, valid_N, tokens_NxK,

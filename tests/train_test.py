@@ -81,6 +81,14 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     before = ro.metrics["tau_sim"]
     self.assertEqual(ro.reward_N.shape, (16 * 8,))
     np.testing.assert_allclose(ro.advantage_N.reshape(-1, 8).mean(-1), 0.0, atol=1e-5)
+    # Δ of the rejected (a = 0) windows: Σ_k [max log p - log p(draft token)], from the fields
+    lp = np.asarray(ro.logp_NxKxV, np.float64)
+    picked = np.take_along_axis(lp, np.asarray(ro.tokens_NxK)[..., None], -1)[..., 0]
+    gap = (lp.max(-1) - picked).sum(-1)
+    rejected = np.asarray(ro.accepted_N) == 0
+    self.assertTrue(rejected.any())
+    np.testing.assert_allclose(float(ro.metrics["prox_gap_rejected"]), gap[rejected].mean(),
+                               rtol=1e-4)
     # the anchor is the KL to the rollout's target distributions at the trained positions
     anchored = dataclasses.replace(cfg, omega=1.0)
     _, stats = jax.jit(lambda p: train_step.ppow_window_loss(
