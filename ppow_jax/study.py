@@ -18,7 +18,7 @@ Layout of ``W``:
 A run is ``run.run`` with ``ppow.seed`` = its seed and the arm's PPOW settings; rerunning the
 command resumes (finished runs are skipped; settings that differ from a run's record stop it).
 The evaluation decodes the baseline and every trained drafter on the same prompts at the
-config's K and temperatures, each benchmark as one batch, untimed (``eval.repeats = 0``: τ and
+config's K and temperatures, in the largest batches that leave no prompt out, untimed (``eval.repeats = 0``: τ and
 α̂ do not depend on timing) unless ``--timed`` (then the config's batch sizes and repeats).
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -227,7 +228,8 @@ def study(c, workdir: str, arms: list[str], seeds: list[int], base_dir: str | No
     prompt_sets = datasets.eval_prompt_sets(ec, data)
     if not timed:
       ec.eval.repeats = 0
-      ec.eval.batch_sizes = (min(len(p) for p in prompt_sets.values()),)
+      # the largest batch that splits every set into full batches (no prompt left out)
+      ec.eval.batch_sizes = (math.gcd(*(len(p) for p in prompt_sets.values())),)
     exports = {"baseline": base.export("baseline")}
     training = {}
     for r in runs:
