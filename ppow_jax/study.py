@@ -2,7 +2,7 @@ r"""The PPOW study: seeds, the paper's ablations and group sizes, each against t
 continued control, all from one baseline drafter, evaluated side by side (docs/protocol.md).
 
   python -m ppow_jax.study --config=configs/default.py --workdir=W --seeds=0,1,2 \
-      --arms=ppow,no_rdist,no_adaw,no_rdist_no_adaw,no_rspeed,G2,G8,G16
+      --arms=ppow,no_rdist,no_adaw,no_rdist_no_adaw,no_rspeed,G2,G8,G16,prox_eps=20
 
 Layout of ``W``:
   base/                  the main job's workdir up to its baseline drafter (run here, unless
@@ -57,22 +57,37 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0", "1", "2"], "PPOW seeds (ppow.seed) of every arm.")
   flags.DEFINE_list("arms", ["ppow", "no_rdist", "no_adaw", "no_rdist_no_adaw", "no_rspeed",
                              "G2", "G8", "G16"],
-                    f"Arms: {', '.join(ARMS)}, or G<n> (group size n); ppow is always run.")
+                    f"Arms: {', '.join(ARMS)}, G<n> (group size n), or KEY=VALUE[+KEY=VALUE] "
+                    "(ppow.* settings); ppow is always run.")
   flags.DEFINE_string("base", None, "An existing workdir of this config whose baseline is done "
                       "(default: <workdir>/base, trained here).")
   flags.DEFINE_bool("timed", False, "Evaluate with the config's batch sizes and timed repeats "
                     "(speedups) instead of τ and α̂ from one batched run.")
 
 
-def arm_settings(arm: str) -> dict:
-  """The PPOW settings of an arm (UserError for an unknown one)."""
+def arm_settings(arm: str, ppow) -> dict:
+  """The PPOW settings of an arm: a named one, ``G<n>`` (group size n), or ``KEY=VALUE`` pairs
+  of ``ppow.*`` joined by ``+`` (``prox_eps=20+prox_eta=0.5``), typed like the config's values
+  (``ppow``: the config's PPOW node). UserError for anything else."""
   if arm in ARMS:
     return dict(ARMS[arm][1])
   match = re.fullmatch(r"G(\d+)", arm)
   if match and int(match.group(1)) >= 2:
     return {"group_size": int(match.group(1))}
-  raise UserError(f"--arms: unknown arm {arm!r}; expected some of {', '.join(ARMS)} or G<n> "
-                  f"(a group size n >= 2)")
+  if "=" in arm:
+    node, out = copy.deepcopy(ppow), {}
+    for pair in arm.split("+"):
+      key, _, raw = pair.partition("=")
+      if key == "seed" or "." in key:
+        raise UserError(f"--arms: {arm!r}: {key!r} is not a PPOW setting an arm may change")
+      try:
+        cli.override(node, key, raw)
+      except UserError as e:
+        raise UserError(f"--arms: {arm!r}: {str(e).replace('--config.', 'ppow.')}") from None
+      out[key] = node[key]
+    return out
+  raise UserError(f"--arms: unknown arm {arm!r}; expected some of {', '.join(ARMS)}, G<n> "
+                  f"(a group size n >= 2) or KEY=VALUE[+KEY=VALUE] (ppow settings)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +109,7 @@ def plan(arms: list[str], seeds: list[int], ppow: dict) -> list[Run]:
     raise UserError(f"--seeds: {seeds}: give distinct seeds >= 0")
   runs, seen = [], set()
   for arm in ["ppow"] + [a for a in arms if a != "ppow"]:
-    settings = {k: v for k, v in arm_settings(arm).items() if ppow[k] != v}
+    settings = {k: v for k, v in arm_settings(arm, ppow).items() if ppow[k] != v}
     key = tuple(sorted(settings.items()))
     if key in seen:
       continue
@@ -243,8 +258,8 @@ def study(c, workdir: str, arms: list[str], seeds: list[int], base_dir: str | No
     rows = evaluate.evaluate_sets(ec, target_cfg, target_params, loaded, prompt_sets,
                                   data.tokenizer.eos_id)
     summary = summarize(rows, arm_names, seeds)
-    result = {"arms": {a: ARMS[a][0] if a in ARMS else f"group size {a[1:]}"
-                       for a in arm_names},
+    result = {"arms": {r.arm: ARMS[r.arm][0] if r.arm in ARMS else f"ppow: {r.settings}"
+                       for r in runs},
               "seeds": seeds, "base": base.root, "timed": timed,
               "window": settings.eval_window(ec), "max_new_tokens": ec.eval.max_new_tokens,
               "temperatures": list(ec.eval.temperatures), "machine": timing.machine_info(),

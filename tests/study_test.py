@@ -73,9 +73,22 @@ class PlanTest(absltest.TestCase):
     rc = study.run_config(self.config, runs[2])
     self.assertEqual((rc.ppow.selection, rc.ppow.use_prox), ("uniform", True))
 
+  def test_arms_of_any_ppow_settings(self):
+    runs = study.plan(["prox_eps=20+prox_eta=0.5", "use_prox=false", "group_size=2"], [0],
+                      self.config.ppow)
+    self.assertEqual([r.arm for r in runs], ["ppow", "prox_eps=20+prox_eta=0.5",
+                                             "use_prox=false"])  # group_size=2: the config's
+    self.assertEqual(runs[1].settings, {"prox_eps": 20.0, "prox_eta": 0.5})
+    self.assertIsInstance(runs[1].settings["prox_eps"], float)
+    self.assertEqual(study.run_config(self.config, runs[2]).ppow.use_prox, False)
+
   def test_bad_arms_and_seeds(self):
     for arms, seeds, pattern in ((["ppw"], [0], "unknown arm 'ppw'"),
                                  (["G1"], [0], "unknown arm 'G1'"),
+                                 (["prox_eps=x"], [0], r"'prox_eps=x': ppow.prox_eps=x: not a"),
+                                 (["nope=1"], [0], "'nope=1': ppow.nope: unknown key"),
+                                 (["optim=1"], [0], "a group of settings"),
+                                 (["seed=3"], [0], "'seed' is not a PPOW setting"),
                                  (["ppow"], [0, 0], "distinct seeds"),
                                  (["ppow"], [-1], "distinct seeds >= 0"),
                                  (["ppow"], [], "distinct seeds")):
