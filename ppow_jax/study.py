@@ -109,22 +109,22 @@ def plan(arms: list[str], seeds: list[int], ppow: dict) -> list[Run]:
     raise UserError(f"--seeds: {seeds}: give distinct seeds >= 0")
   runs, seen = [], set()
   for arm in ["ppow"] + [a for a in arms if a != "ppow"]:
-    settings = {k: v for k, v in arm_settings(arm, ppow).items() if ppow[k] != v}
-    key = tuple(sorted(settings.items()))
+    changes = {k: v for k, v in arm_settings(arm, ppow).items() if ppow[k] != v}
+    key = tuple(sorted(changes.items()))
     if key in seen:
       continue
     seen.add(key)
     stages = "ppow,continued" if arm == "ppow" else "ppow"
-    runs += [Run(arm, s, settings, stages) for s in seeds]
+    runs += [Run(arm, s, changes, stages) for s in seeds]
   return runs
 
 
-def run_config(c, run: Run):
+def run_config(c, one: Run):
   """The config of one run: ``c`` with the run's stages, seed and PPOW settings."""
   rc = copy.deepcopy(c)
-  rc.stages = run.stages
-  rc.ppow.seed = run.seed
-  for key, value in run.settings.items():
+  rc.stages = one.stages
+  rc.ppow.seed = one.seed
+  for key, value in one.settings.items():
     rc.ppow[key] = value
   return rc
 
