@@ -90,6 +90,13 @@ def greedy_log_prob_gap(logp_NxKxV: Array, sampled_NxK: Array,
   return jnp.sum(gap_NxK, axis=-1)
 
 
+def masked_median(x_N: Array, mask_N: Array) -> Array:
+  """The lower median of ``x_N`` where ``mask_N``; 0 when the mask is empty."""
+  n = jnp.sum(mask_N)
+  sorted_N = jnp.sort(jnp.where(mask_N, x_N, jnp.inf))
+  return jnp.where(n > 0, sorted_N[jnp.maximum((n - 1) // 2, 0)], 0.0)
+
+
 def proximity_indicator(delta_N: Array, accepted_N: Array, eta: float, eps: float) -> Array:
   """The paper's proximity reward ``η · 1[Δ < ε]``, given only to windows with ``a = 0``."""
   hit_N = (delta_N < eps) & (jnp.asarray(accepted_N) == 0)

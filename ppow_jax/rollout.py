@@ -199,6 +199,8 @@ def rollout(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: PPOWConfig, ta
                                    cfg.adv_min_std).reshape(-1)
   adv_N = jnp.where(valid_N, adv_N, 0.0)
   mean = lambda x: jnp.sum(jnp.where(valid_N, x, 0.0)) / jnp.maximum(valid_N.sum(), 1)
+  rejected_N = valid_N & (res.num_accepted_B == 0)
+  n_rejected = jnp.maximum(jnp.sum(rejected_N), 1)
   metrics = {
       "reward": mean(parts["total"]), "reward_speed": mean(parts["speed"]),
       "reward_prox": mean(parts["prox"]),
@@ -207,9 +209,11 @@ def rollout(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: PPOWConfig, ta
       "accepted_hist": jnp.bincount(jnp.where(valid_N, res.num_accepted_B, k + 1),
                                     length=k + 2)[:k + 1],
       "zero_advantage_groups": jnp.mean(jnp.all(adv_N.reshape(-1, g) == 0, axis=-1)),
-      # Δ of the windows the proximity reward is for (a = 0): what ppow.prox_eps compares with
-      "prox_gap_rejected": (jnp.sum(jnp.where(valid_N & (res.num_accepted_B == 0), delta_N, 0.0))
-                            / jnp.maximum(jnp.sum(valid_N & (res.num_accepted_B == 0)), 1)),
+      # Δ of the windows the proximity reward is for (a = 0), what ppow.prox_eps compares with:
+      # mean, median and the share under ε (≈ 0 means the indicator reward never fires)
+      "prox_gap_rejected": jnp.sum(jnp.where(rejected_N, delta_N, 0.0)) / n_rejected,
+      "prox_gap_rejected_median": rewards.masked_median(delta_N, rejected_N),
+      "prox_hit_rejected": jnp.sum(rejected_N & (delta_N < cfg.reward["prox_eps"])) / n_rejected,
       "valid_windows": valid_R.mean(),
   }
   return Rollout(seq_N, start_N, valid_N, tokens_NxK,

@@ -138,6 +138,16 @@ class RewardsTest(parameterized.TestCase):
     np.testing.assert_allclose(ind, 0.5 * ((want < 1.0) & (accepted == 0)))
     self.assertTrue(np.any((want < 1.0) & (accepted > 0)))  # the gate matters here
 
+  def test_masked_median(self):
+    rng = np.random.default_rng(2)
+    fn = jax.jit(rewards.masked_median)
+    for n in (7, 9):
+      x = rng.normal(size=n).astype(np.float32)
+      mask = np.arange(n) % 3 != 1
+      want = np.sort(x[mask])[(mask.sum() - 1) // 2]  # the lower median of the masked values
+      self.assertEqual(float(fn(x, mask)), float(want))
+    self.assertEqual(float(fn(np.ones(4, np.float32), np.zeros(4, bool))), 0.0)
+
   def test_total_reward_components_and_switches(self):
     rng = np.random.default_rng(4)
     beta = rng.random((N, K)).astype(np.float32)

@@ -89,6 +89,10 @@ class PPOWImprovesAcceptanceTest(absltest.TestCase):
     self.assertTrue(rejected.any())
     np.testing.assert_allclose(float(ro.metrics["prox_gap_rejected"]), gap[rejected].mean(),
                                rtol=1e-4)
+    np.testing.assert_allclose(float(ro.metrics["prox_gap_rejected_median"]),
+                               np.sort(gap[rejected])[(rejected.sum() - 1) // 2], rtol=1e-4)
+    np.testing.assert_allclose(float(ro.metrics["prox_hit_rejected"]),
+                               np.mean(gap[rejected] < cfg.reward["prox_eps"]), atol=1e-6)
     # the anchor is the KL to the rollout's target distributions at the trained positions
     anchored = dataclasses.replace(cfg, omega=1.0)
     _, stats = jax.jit(lambda p: train_step.ppow_window_loss(
