@@ -89,6 +89,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.drafter.param_dtype = "float32"  # master weights
   c.drafter.norm_before_fc = True  # eagle3: RMSNorm the fused target features before fc
   c.drafter.head_from_target = False  # eagle3: lm_head/norm start as the target's (kept rows)
+  # eagle3: the target hidden states fused, as indices of the layers whose inputs are read
+  # (num_layers = the last layer's output); () = EAGLE-3's inputs of layers {2, L//2, L-3}
+  c.drafter.aux_layers = ()
+  # eagle3: start as the identity on the third fused feature with the target's head and final
+  # norm (Medusa's initialisation): with aux_layers ending at the target's num_layers, the
+  # untrained drafter proposes what the target predicted one position earlier
+  c.drafter.residual_start = False
 
   # --- Token-level baseline (EAGLE-3 training-time test) ---
   c.baseline = ml_collections.ConfigDict()

@@ -46,10 +46,13 @@ def build_drafter(c, target_cfg: llama.ModelConfig, data: datasets.Data, target_
     vocab = (eagle3.identity_draft_vocab(target_cfg.vocab_size) if vd == target_cfg.vocab_size
              else eagle3.build_draft_vocab(_token_counts(data, target_cfg.vocab_size), vd))
     net = eagle3.init_eagle3(ecfg, jax.random.PRNGKey(c.seed + 10))
-    if d.head_from_target and target_params is not None:
-      net = eagle3.head_from_target(net, vocab, feature_cache.target_head(target_cfg,
-                                                                          target_params),
-                                    jnp.asarray(target_params["norm"]["scale"]))
+    if (d.head_from_target or d.residual_start) and target_params is not None:
+      start = eagle3.residual_start if d.residual_start else eagle3.head_from_target
+      try:
+        net = start(net, vocab, feature_cache.target_head(target_cfg, target_params),
+                    jnp.asarray(target_params["norm"]["scale"]))
+      except ValueError as e:
+        raise UserError(f"config.drafter.residual_start/head_from_target: {e}") from None
     return drafters.Eagle3FeatureDrafter.create(ecfg, target_cfg), {"net": net, "vocab": vocab}
   if d.init_from:
     model, params = hf.load(d.init_from, dtype=d.dtype, param_dtype=d.param_dtype)

@@ -157,6 +157,13 @@ class ArchitecturesTest(absltest.TestCase):
     c.drafter.intermediate_size, c.drafter.draft_vocab_size = 48, 100
     d = settings.drafter_arch(c, target)
     self.assertEqual((d.intermediate_size, d.draft_vocab_size), (48, 100))
+    self.assertEqual(d.aux_layer_ids, target.eagle3_layers())
+    c.drafter.aux_layers = (0, 1, target.num_layers)  # the last layer's output is allowed
+    self.assertEqual(settings.drafter_arch(c, target).aux_layer_ids, (0, 1, target.num_layers))
+    for bad in [(0, 1), (0, 1, target.num_layers + 1)]:
+      c.drafter.aux_layers = bad
+      with self.assertRaisesRegex(UserError, "config.drafter.aux_layers"):
+        settings.drafter_arch(c, target)
 
 
 class StagesTest(absltest.TestCase):

@@ -232,6 +232,29 @@ def head_from_target(net: dict, vocab: DraftVocab, head_ExV: Array, norm_scale_E
               norm={"scale": jnp.asarray(norm_scale_E, net["norm"]["scale"].dtype)})
 
 
+def residual_start(net: dict, vocab: DraftVocab, head_ExV: Array, norm_scale_E: Array
+                   ) -> dict:
+  """``net`` that starts as the identity on its third fused feature (Medusa's initialisation).
+
+  ``fc`` passes the third target feature through unchanged (the other two start at zero), the
+  midlayer's output projections (``o_proj``, ``down_proj``) are zero, so the midlayer returns
+  its hidden input, and ``norm``/``lm_head`` are the target's (``head_from_target``). With the
+  target's last hidden state as the third feature, the untrained drafter's first draft token is
+  the target's own prediction at the previous position; training learns the shift by one.
+  """
+  fc = net["fc"]
+  e = fc.shape[1]
+  if fc.shape[0] != 3 * e:
+    raise ValueError(f"residual_start needs target features as wide as the drafter ({e}); "
+                     f"fc is {fc.shape}")
+  fc_3ExE = jnp.zeros_like(fc).at[2 * e:].set(jnp.eye(e, dtype=fc.dtype))
+  mid = net["midlayer"]
+  attn = dict(mid["self_attn"], o_proj=jnp.zeros_like(mid["self_attn"]["o_proj"]))
+  mlp = dict(mid["mlp"], down_proj=jnp.zeros_like(mid["mlp"]["down_proj"]))
+  net = dict(net, fc=fc_3ExE, midlayer=dict(mid, self_attn=attn, mlp=mlp))
+  return head_from_target(net, vocab, head_ExV, norm_scale_E)
+
+
 def init_eagle3(cfg: Eagle3Config, rng: Array) -> dict:
   """Random parameters (unboxed)."""
   return nn.unbox(jax.jit(functools.partial(_init_variables, cfg))(rng)["params"])
