@@ -159,16 +159,25 @@ def benchmark_prompt_sets(c, tokenizer: tokenizer_lib.TokenizerInfo
                                 c.eval.prompt_len, c.eval.prompt_policy)
 
 
+def file_prompts(c, info: tokenizer_lib.TokenizerInfo) -> list[list[int]]:
+  """The first ``eval.num_prompts`` conversations of ``eval.prompts_file``, under the chat
+  template and ending with the assistant header, fitted into ``eval.prompt_len`` tokens."""
+  out = []
+  records = prompts.read_prompts(c.eval.prompts_file, c.data.skip_bad_lines)
+  for turns in records[:c.eval.num_prompts]:
+    ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids
+    out.append(list(prompts.truncate_prompt([int(i) for i in ids], c.eval.prompt_len,
+                                            c.eval.prompt_policy)))
+  return out
+
+
 def eval_prompts(c, data: Data) -> list[list[int]]:
   """Token-id prompts: from ``eval.prompts_file``, else the held-out split's documents."""
   info, n, max_len = data.tokenizer, c.eval.num_prompts, c.eval.prompt_len
   out = []
   if c.eval.prompts_file:
-    for turns in prompts.read_prompts(c.eval.prompts_file, c.data.skip_bad_lines)[:n]:
-      ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids
-      out.append(list(prompts.truncate_prompt([int(i) for i in ids], max_len,
-                                              c.eval.prompt_policy)))
-  elif data.kind == "conversations" and len(data.heldout):
+    return file_prompts(c, info)
+  if data.kind == "conversations" and len(data.heldout):
     for i in range(min(n, len(data.heldout))):  # held-out chats: the prompt before the answer
       turns = [t for t in _turns(data.heldout[i]) if t[0] != "assistant"]
       ids = tokenizer_lib.apply_chat_template(turns, info, add_generation_prompt=True).ids

@@ -3,10 +3,14 @@
 import collections
 import gzip
 import json
+import os
+import tempfile
 
 from absl.testing import absltest
 import jax
+import ml_collections
 
+from ppow_jax import datasets
 from ppow_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
@@ -81,6 +85,23 @@ class BenchmarksTest(absltest.TestCase):
     code = benchmarks.benchmark_prompts("humaneval", info, 2)
     self.assertLen(code, 2)
     self.assertIn(_humaneval_prompts()[82], info.decode(code[1], skip_special_tokens=False))
+
+  def test_prompts_file_first_n_under_the_template_and_fitted(self):
+    info = _tokenizer()
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "p.jsonl")
+      with open(path, "w") as f:
+        for text in ("first request", "second request", "third request"):
+          f.write(json.dumps({"prompt": text}) + "\n")
+      c = ml_collections.ConfigDict({
+          "eval": {"prompts_file": path, "num_prompts": 2, "prompt_len": 512,
+                   "prompt_policy": "truncate_left"}, "data": {"skip_bad_lines": False}})
+      ids = datasets.file_prompts(c, info)
+      self.assertEqual([info.decode(x, skip_special_tokens=False) for x in ids], [
+          f"<|im_start|>system\nDefault system.<|im_end|>\n<|im_start|>user\n{t}<|im_end|>\n"
+          "<|im_start|>assistant\n" for t in ("first request", "second request")])
+      c.eval.prompt_len = 5
+      self.assertEqual(datasets.file_prompts(c, info)[1], ids[1][-5:])
 
 
 if __name__ == "__main__":

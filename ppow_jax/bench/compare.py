@@ -5,8 +5,8 @@ r"""Drafters side by side under a config's evaluation protocol (its eval stage, 
       --config.eval.num_prompts=12 --config.eval.temperatures='(0.0,)'
 
 The target is the config's (``target.hf_dir``: a Hugging Face directory, a GGUF file, or
-``smollm2``); prompt sets, K, temperatures, batch sizes, tree shape and new tokens are its
-``eval`` settings. Every drafter and AR decode the same prompts in the same interleaved timing
+``smollm2``); prompt sets (``eval.benchmarks``, or ``eval.prompts_file`` when that is empty), K,
+temperatures, batch sizes, tree shape and new tokens are its ``eval`` settings. Every drafter and AR decode the same prompts in the same interleaved timing
 runs, so τ, α̂ by position and the speedups compare row against row (τ and α̂ do not depend on
 the machine's load; tokens/s do). Prints ``report.md``'s table; ``--output_json`` keeps the rows.
 """
@@ -57,9 +57,9 @@ def run(argv: list[str]) -> dict:
   if not c.target.hf_dir:
     raise UserError("config.target.hf_dir is empty: compare evaluates against a given target "
                     "(a Hugging Face directory, a GGUF file or 'smollm2')")
-  if not c.eval.benchmarks.strip(", "):
-    raise UserError("config.eval.benchmarks is empty: compare decodes benchmark prompt sets "
-                    "(e.g. humaneval,chat)")
+  if not c.eval.benchmarks.strip(", ") and not c.eval.prompts_file:
+    raise UserError("config.eval.benchmarks and config.eval.prompts_file are both empty: "
+                    "compare decodes benchmark prompt sets (e.g. humaneval,chat) or a file")
   # JAX starts here, after every argument is checked
   from ppow_jax import (datasets, drafters, evaluate, pretrain, report, settings,  # pylint: disable=g-import-not-at-top
                         timing)
@@ -67,8 +67,9 @@ def run(argv: list[str]) -> dict:
   target_cfg, target_params = pretrain.given_target(c)
   tokenizer = datasets.given_tokenizer(c)  # the main job's: data.tokenizer, else the target's
   loaded = {name: drafters.load(path, target_cfg) for name, path in named.items()}
-  rows = evaluate.evaluate_sets(c, target_cfg, target_params, loaded,
-                                datasets.benchmark_prompt_sets(c, tokenizer), tokenizer.eos_id)
+  sets = (datasets.benchmark_prompt_sets(c, tokenizer) if c.eval.benchmarks.strip(", ")
+          else {os.path.basename(c.eval.prompts_file): datasets.file_prompts(c, tokenizer)})
+  rows = evaluate.evaluate_sets(c, target_cfg, target_params, loaded, sets, tokenizer.eos_id)
   result = {"target": c.target.hf_dir, "drafters": named, "window": settings.eval_window(c),
             "max_new_tokens": c.eval.max_new_tokens, "machine": timing.machine_info(),
             "rows": rows}
