@@ -6,9 +6,10 @@ r"""Drafters side by side under a config's evaluation protocol (its eval stage, 
 
 The target is the config's (``target.hf_dir``: a Hugging Face directory, a GGUF file, or
 ``smollm2``); prompt sets (``eval.benchmarks``, or ``eval.prompts_file`` when that is empty), K,
-temperatures, batch sizes, tree shape and new tokens are its ``eval`` settings. Every drafter and AR decode the same prompts in the same interleaved timing
-runs, so τ, α̂ by position and the speedups compare row against row (τ and α̂ do not depend on
-the machine's load; tokens/s do). Prints ``report.md``'s table; ``--output_json`` keeps the rows.
+temperatures, batch sizes, tree shape and new tokens are its ``eval`` settings. Every drafter
+and AR decode the same prompts in the same interleaved timing runs, so τ, α̂ by position and
+the speedups compare row against row (τ and α̂ do not depend on the machine's load; tokens/s
+do). Prints ``report.md``'s table; ``--output_json`` keeps the rows.
 """
 
 from __future__ import annotations
