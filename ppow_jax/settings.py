@@ -312,12 +312,12 @@ def drafter_arch(c, target_cfg: llama.ModelConfig) -> DrafterArch:
   if d.kind == "eagle3":
     sizes = {"hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size}
     sizes = {k: v for k, v in sizes.items() if v}  # 0: the target's
-    aux = tuple(d.aux_layers)
-    if aux and (len(aux) != 3 or not all(0 <= int(i) <= target_cfg.num_layers for i in aux)):
-      raise UserError(f"config.drafter.aux_layers={aux}: three layer indices in "
-                      f"[0, {target_cfg.num_layers}] (the target's num_layers = its output)")
+    aux = tuple(int(i) for i in d.aux_layers)
     if aux:
-      sizes["aux_layer_ids"] = tuple(int(i) for i in aux)
+      if len(aux) != 3 or not all(0 <= i <= target_cfg.num_layers for i in aux):
+        raise UserError(f"config.drafter.aux_layers={aux}: three layer indices in "
+                        f"[0, {target_cfg.num_layers}] (the target's num_layers = its output)")
+      sizes["aux_layer_ids"] = aux
     try:
       return eagle3.Eagle3Config.from_target(
           target_cfg, draft_vocab_size=d.draft_vocab_size or target_cfg.vocab_size,

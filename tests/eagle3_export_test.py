@@ -68,7 +68,7 @@ class Eagle3RecipeTest(absltest.TestCase):
     x = np.concatenate(h, -1).astype(np.float64)
     x = x / np.sqrt((x * x).mean(-1, keepdims=True) + CFG.rms_norm_eps)
     want = (x * np.asarray(params["input_norm"]["scale"])) @ np.asarray(params["fc"])
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-2, atol=1e-3)  # two norms' eps
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
   def test_export_carries_what_llama_cpp_reads(self):
     params, vocab = _params(), _vocab()
@@ -152,6 +152,8 @@ class Eagle3RecipeTest(absltest.TestCase):
     self.assertGreater(np.abs(np.asarray(got)[:, 1:] - want[:, :-1]).max(), 1e-2)
     # the fused features' first two parts and the midlayer's residual branches start at zero
     self.assertEqual(float(jnp.abs(net["fc"][:48]).max()), 0.0)
+    self.assertEqual(float(jnp.abs(net["midlayer"]["self_attn"]["o_proj"]).max()), 0.0)
+    self.assertEqual(float(jnp.abs(net["midlayer"]["mlp"]["down_proj"]).max()), 0.0)
     with self.assertRaisesRegex(ValueError, "as wide as the drafter"):
       eagle3.residual_start(eagle3.init_eagle3(CFG, jax.random.PRNGKey(0)), vocab,
                             np.asarray(tparams["lm_head"]), tparams["norm"]["scale"])
