@@ -6,7 +6,8 @@ vocabulary's normaliser). Over the draft vocabulary the forward KL then has exac
 gradient of the full-vocabulary loss of ``train_step.token_loss`` (whose out-of-vocabulary terms
 are constants), at a fraction of the cost: no ``[B, T, V]`` tensor is ever built.
 ``support_only`` instead renormalises the target on the draft vocabulary and drops positions
-whose target argmax is not drafted (EAGLE-3's own loss).
+whose target argmax is not drafted (EAGLE-3's own loss). ``feature_regression`` adds EAGLE-1's
+loss on the drafter's normed output against the target's final hidden state (the cache holds it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, 
   feats_BxTx3E = batch["feats_BxTx3E"].astype(jnp.float32)
   feats = tuple(feats_BxTx3E[:, :-1, i * e3:(i + 1) * e3] for i in range(3))
   embeds = drafter._embed(target_params, tokens[:, 1:])
-  logits_SxBxTxVd, valid_SxT = teacher_forcing.eagle3_ttt_draft_logits(
+  logits_SxBxTxVd, valid_SxT, out_SxBxTxE = teacher_forcing.eagle3_ttt_draft_logits(
       drafter, net, embeds, feats, cfg.ttt_steps)
   tl_BxTxVd = batch["final_BxTxE"].astype(jnp.float32) @ consts["head_ExVd"]
   next_BxT = teacher_forcing.next_token_mask(batch["loss_mask_BxT"])
@@ -51,10 +52,30 @@ def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, 
   logq = jax.nn.log_softmax(logits_SxBxTxVd, axis=-1)
   mask_SxBxT = valid_SxT[:, None, :] & next_BxT[None]
   logp = jnp.broadcast_to(logp_BxTxVd, logq.shape)
-  loss = divergences.eagle3_ttt_loss(logp, logq, mask_SxBxT, cfg.divergence, cfg.step_decay)
+  token_loss = divergences.eagle3_ttt_loss(logp, logq, mask_SxBxT, cfg.divergence,
+                                           cfg.step_decay)
   hit_BxT = jnp.argmax(logq[0], -1) == jnp.argmax(logp_BxTxVd, -1)
   acc0 = divergences.masked_mean(hit_BxT.astype(jnp.float32), mask_SxBxT[0])
-  return loss, {"token_loss": loss, "top1_step0": acc0}
+  metrics = {"token_loss": token_loss, "top1_step0": acc0}
+  loss = token_loss
+  if cfg.feature_regression > 0:
+    normed_SxBxTxE = drafter.model.apply({"params": net}, out_SxBxTxE,
+                                         method=eagle3.Eagle3Drafter.head_input)
+    reg = feature_regression_loss(normed_SxBxTxE, batch["final_BxTxE"].astype(jnp.float32),
+                                  mask_SxBxT, cfg.step_decay)
+    metrics["regression_loss"] = reg
+    loss = loss + cfg.feature_regression * reg
+  return loss, metrics
+
+
+def feature_regression_loss(pred_SxBxTxE: Array, final_BxTxE: Array, mask_SxBxT: Array,
+                            decay: float) -> Array:
+  """EAGLE-1's feature loss: Σ_i decay**i · masked mean over positions of the smooth-L1
+  distance (mean over channels) between the drafter's normed output at step i and the
+  target's final-normed hidden state of the same position (index t: what predicts x_{t+1})."""
+  err_SxBxT = jnp.mean(optax.huber_loss(pred_SxBxTxE, final_BxTxE[None]), axis=-1)
+  steps_S = jax.vmap(divergences.masked_mean)(err_SxBxT, mask_SxBxT)
+  return jnp.sum(jnp.asarray(decay, steps_S.dtype) ** jnp.arange(steps_S.shape[0]) * steps_S)
 
 
 def make_step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,

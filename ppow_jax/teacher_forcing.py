@@ -120,9 +120,10 @@ def _ttt_mask(t1: int, steps: int, step: int) -> Array:
 
 def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
                             feats: tuple, steps: int):
-  """Yields ``(logits_BxTxVd, valid_T)`` for each step of the TTT unroll, in the draft
-  vocabulary (index t -> x_{t+1}), from the embeddings of x_1.. and the target features of
-  x_0.. (``[B, T-1, *]`` each: live or from the feature cache).
+  """Yields ``(logits_BxTxVd, valid_T, out_BxTxE)`` for each step of the TTT unroll, in the
+  draft vocabulary (index t -> x_{t+1}; ``out`` the pre-norm output hidden that made the
+  logits), from the embeddings of x_1.. and the target features of x_0.. (``[B, T-1, *]``
+  each: live or from the feature cache).
 
   One step at a time, so a caller that reduces each step (ADAW's scores) never holds all
   ``S`` steps' logits at once.
@@ -141,24 +142,25 @@ def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: A
                                    cache=cache, attn_mask_BxTxS=mask,
                                    method=eagle3.Eagle3Drafter.step)
     # entry j predicts x_{j+2} -> index j+1; entries j < i have no chain yet
-    yield (jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1),
-           (idx >= i + 1) & (idx <= t - 2))
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
+    yield shift(logits), (idx >= i + 1) & (idx <= t - 2), shift(h)
     hidden = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
 
 
 def eagle3_ttt_draft_logits(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
-                            feats: tuple, steps: int) -> tuple[Array, Array]:
-  """Draft-vocabulary logits ``[S, B, T, Vd]`` and validity ``[S, T]`` of the TTT unroll."""
-  logits, valid = zip(*eagle3_ttt_draft_unroll(drafter, net, embeds_BxT1xE, feats, steps))
-  return jnp.stack(logits), jnp.stack(valid)
+                            feats: tuple, steps: int) -> tuple[Array, Array, Array]:
+  """Draft-vocabulary logits ``[S, B, T, Vd]``, validity ``[S, T]`` and the pre-norm output
+  hidden states ``[S, B, T, E]`` of the TTT unroll."""
+  logits, valid, out = zip(*eagle3_ttt_draft_unroll(drafter, net, embeds_BxT1xE, feats, steps))
+  return jnp.stack(logits), jnp.stack(valid), jnp.stack(out)
 
 
 def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params,
                       tokens_BxT: Array, tpass: TargetPass, steps: int):
   """Yields ``(logits_BxTxV, valid_T)`` of the TTT unroll in the target vocabulary."""
   embeds, feats = _eagle_inputs(drafter, target_params, tokens_BxT, tpass.hidden)
-  for logits, valid in eagle3_ttt_draft_unroll(drafter, draft_params["net"], embeds, feats,
-                                               steps):
+  for logits, valid, _ in eagle3_ttt_draft_unroll(drafter, draft_params["net"], embeds, feats,
+                                                  steps):
     yield draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size), valid
 
 

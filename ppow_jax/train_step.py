@@ -41,11 +41,16 @@ class BaselineConfig:
   ttt_steps: int  # EAGLE-3 training-time-test unroll S (1 = plain teacher forcing).
   step_decay: float  # weight of unrolled step i is decay**i.
   ttt_from_step: int  # optimizer step from which the S-step unroll trains (before it: S = 1)
+  # weight of EAGLE-1's feature regression (cached-feature training): smooth-L1 between the
+  # drafter's final-normed output and the target's at the predicted position; 0 = off
+  feature_regression: float
 
   def __post_init__(self):
     divergences.get_divergence(self.divergence)
     if self.ttt_steps < 1:
       raise UserError(f"baseline.ttt_steps must be >= 1, got {self.ttt_steps}")
+    if self.feature_regression < 0:
+      raise UserError(f"baseline.feature_regression must be >= 0, got {self.feature_regression}")
     if self.ttt_from_step < 0:
       raise UserError(f"baseline.ttt_from_step must be >= 0, got {self.ttt_from_step}")
 

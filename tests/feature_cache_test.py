@@ -152,6 +152,44 @@ class FeatureCacheTest(absltest.TestCase):
     self.assertGreater(count, 0)
     np.testing.assert_allclose(float(loss), total / count, rtol=1e-4)
 
+  def test_feature_regression_is_eagle1_smooth_l1_on_the_next_position(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup()
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
+             **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
+    consts = feature_training.constants(drafter, vocab, tparams)
+    loss = lambda w: jax.jit(lambda n: feature_training.feature_loss(
+        drafter, _baseline(ttt_steps=1, feature_regression=w), n, consts, tparams, batch,
+        False))(net)
+    (plain, _), (weighted, metrics) = loss(0.0), loss(2.0)
+    self.assertNotIn("regression_loss", loss(0.0)[1])
+    np.testing.assert_allclose(float(weighted - plain), 2.0 * float(metrics["regression_loss"]),
+                               rtol=1e-5)
+    # numpy reference from the plain teacher-forced pass: the drafter's output hidden at index
+    # t (entry t-1, predicting x_{t+1}), RMS-normed with its norm, against the target's final
+    # hidden at t; positions 1..T-2 whose next token trains
+    dpass = teacher_forcing.drafter_pass(drafter, {"net": net, "vocab": vocab}, tparams,
+                                         jnp.asarray(tokens), _target_pass(drafter, tparams,
+                                                                           tokens), 0)
+    h = np.asarray(dpass.hidden_BxTxE, np.float64)
+    normed = (h / np.sqrt((h ** 2).mean(-1, keepdims=True) + drafter.cfg.rms_norm_eps)
+              * np.asarray(net["norm"]["scale"], np.float64))
+    final = np.asarray(feats["final"], np.float64)
+
+    def reference(shift: int) -> float:
+      total, count = 0.0, 0
+      for b in range(B):
+        for t in range(1, T - 1):
+          if mask[b, t + 1] and 0 <= t + shift < T:
+            d = np.abs(normed[b, t] - final[b, t + shift])
+            total += float(np.where(d < 1, 0.5 * d ** 2, d - 0.5).mean())
+            count += 1
+      return total / count
+
+    np.testing.assert_allclose(float(metrics["regression_loss"]), reference(0), rtol=1e-4)
+    for shift in (-1, 1):  # a target one position off is a different loss
+      self.assertGreater(abs(float(metrics["regression_loss"]) - reference(shift)), 1e-3)
+
   def test_document_context_gives_each_token_its_whole_document_pass(self):
     docs = [f"item {k}: " + "alpha beta gamma delta " * k for k in (3, 6, 2, 5)]
     tok = tokenizer_lib.train_bpe(docs, 300)

@@ -46,14 +46,32 @@ class InstructionsTest(absltest.TestCase):
   def test_documented_public_names_become_requests(self):
     items = instructions.from_python_sources(self._tree(1))
     self.assertEqual({it.key for it in items}, {"sheep0"})
-    self.assertLen(items, 3)  # module, count, Pen; not _private, undocumented, _internal
+    # module, count (a request and a completion), Pen; not _private, undocumented, _internal
+    self.assertLen(items, 4)
     text = "\n".join(it.text for it in items)
     self.assertIn("sheep0", text)
     self.assertTrue("count(flock, start, *rest, limit, **opts)" in text
                     or "sheep0.count" in text)
     self.assertIn("sheep0.Pen", text)
     self.assertNotIn("_private", text)
-    self.assertNotIn("Extra detail", text)  # first sentence only
+    requests = [it.text for it in items if not it.text.startswith("def ")]
+    self.assertNotIn("Extra detail", "\n".join(requests))  # first sentence only
+
+  def test_completion_stub_is_humaneval_shaped(self):
+    source = ('def f(xs: list[int], k=2, *, key=None) -> int:\n'
+              '    """Sum the k largest.\n\n    >>> f([1, 5, 3])\n    8\n    """\n'
+              '    return sum(sorted(xs)[-k:])\n')
+    node = __import__("ast").parse(source).body[0]
+    doc = "Sum the k largest.\n\n>>> f([1, 5, 3])\n8"
+    self.assertEqual(instructions.completion_stub(node, doc),
+                     'def f(xs: list[int], k=2, *, key=None) -> int:\n'
+                     '    """Sum the k largest.\n\n    >>> f([1, 5, 3])\n    8\n    """\n')
+    long_doc = "Head.\n\n" + "x" * 700
+    self.assertNotIn("xxx", instructions.completion_stub(node, long_doc))
+    items = instructions.from_python_sources(self._tree(1))
+    stubs = [it.text for it in items if it.text.startswith("def ")]
+    self.assertEqual(stubs, ['def count(flock, start=0, *rest, limit=None, **opts):\n'
+                             '    """Return how many sheep jumped. Extra detail here.\n    """\n'])
 
   def test_selection_holds_out_whole_modules_and_is_deterministic(self):
     items = instructions.from_python_sources(self._tree(12))

@@ -4,7 +4,8 @@ A drafter learns best from its target's own answers (EAGLE and HASS regenerate t
 responses with the target), which needs prompts, not answers. Without a download they come
 from what every machine with Python has: the standard library's public functions, classes and
 modules, read with ``ast`` (nothing is imported or executed), each turned into a coding or an
-explanation request. A user JSONL of prompts (any ``prompts.py`` record form) can replace them.
+explanation request; each documented function also becomes a completion request in
+HumanEval's form (its ``def`` line and docstring, nothing else), the form of code benchmarks. A user JSONL of prompts (any ``prompts.py`` record form) can replace them.
 
 Every item carries a ``key`` (its module) so train and held-out prompts never share a module.
 The selection is a pure function of the source files and the arguments.
@@ -55,6 +56,34 @@ def _first_sentence(doc: str, limit: int = 200) -> str:
   return line if line.endswith((".", "?", "!")) else line + "."
 
 
+def _docstring_head(doc: str, limit: int = 600) -> str:
+  """The docstring's leading paragraphs, whole, up to ``limit`` characters (at least one)."""
+  paragraphs = [p.strip("\n") for p in doc.strip().split("\n\n") if p.strip()]
+  out = paragraphs[:1]
+  for p in paragraphs[1:]:
+    if len("\n\n".join(out + [p])) > limit:
+      break
+    out.append(p)
+  return "\n\n".join(out)
+
+
+def completion_stub(node: ast.FunctionDef, doc: str) -> str:
+  """A HumanEval-style completion request: the function's ``def`` line (annotations and
+  defaults kept, decorators dropped) and its docstring, indented, without a body."""
+  stub = ast.FunctionDef(node.name, node.args, [ast.Pass()], [], node.returns,
+                         getattr(node, "type_comment", None), **_type_params(node))
+  stub = ast.fix_missing_locations(ast.copy_location(stub, node))
+  header = ast.unparse(stub).splitlines()[0]
+  if isinstance(node, ast.AsyncFunctionDef):
+    header = "async " + header
+  body = "\n".join(("    " + line).rstrip() for line in _docstring_head(doc).split("\n"))
+  return f'{header}\n    """{body[4:]}\n    """\n'
+
+
+def _type_params(node: ast.FunctionDef) -> dict:
+  return {"type_params": node.type_params} if hasattr(node, "type_params") else {}
+
+
 def _signature(node: ast.FunctionDef) -> str:
   names = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
   if node.args.vararg:
@@ -93,6 +122,7 @@ def _from_source(module: str, source: str) -> Iterator[Instruction]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       form = _FUNCTION_FORMS[(h + i) % len(_FUNCTION_FORMS)]
       yield Instruction(module, form.format(q=q, sig=_signature(node), doc=sentence))
+      yield Instruction(module, completion_stub(node, doc))
     elif isinstance(node, ast.ClassDef):
       form = _CLASS_FORMS[(h + i) % len(_CLASS_FORMS)]
       yield Instruction(module, form.format(q=q, doc=sentence.rstrip(".:")))

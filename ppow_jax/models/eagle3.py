@@ -166,8 +166,12 @@ class Eagle3Drafter(nn.Module):
                                      attn_mask_BxTxS)
     if cache is not None:
       cache = cache.replace(lengths_B=cache.lengths_B + t)
-    logits = self.norm(out_BxTxE).astype(jnp.float32) @ self.lm_head.astype(jnp.float32)
+    logits = self.head_input(out_BxTxE) @ self.lm_head.astype(jnp.float32)
     return out_BxTxE, nn.with_logical_constraint(logits, ("batch", "length", "vocab")), cache
+
+  def head_input(self, out_BxTxE: Array) -> Array:
+    """The final-normed output hidden (what ``lm_head`` reads), float32."""
+    return self.norm(out_BxTxE).astype(jnp.float32)
 
   def __call__(self, embeds_BxTxE: Array, hiddens: Sequence[Array]) -> Array:
     return self.step(embeds_BxTxE, self.fuse(hiddens))[1]
