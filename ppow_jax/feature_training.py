@@ -74,8 +74,7 @@ def feature_regression_loss(pred_SxBxTxE: Array, final_BxTxE: Array, mask_SxBxT:
   distance (mean over channels) between the drafter's normed output at step i and the
   target's final-normed hidden state of the same position (index t: what predicts x_{t+1})."""
   err_SxBxT = jnp.mean(optax.huber_loss(pred_SxBxTxE, final_BxTxE[None]), axis=-1)
-  steps_S = jax.vmap(divergences.masked_mean)(err_SxBxT, mask_SxBxT)
-  return jnp.sum(jnp.asarray(decay, steps_S.dtype) ** jnp.arange(steps_S.shape[0]) * steps_S)
+  return divergences.decayed_sum(jax.vmap(divergences.masked_mean)(err_SxBxT, mask_SxBxT), decay)
 
 
 def make_step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,

@@ -60,6 +60,12 @@ class DrafterPass:
   hidden_BxTxE: Optional[Array]  # EAGLE-3: output hidden at entry t-1 (feeds drafting)
 
 
+def _shift_right(x_BxTx: Array) -> Array:
+  """One zero entry in front along the time axis (the last entry is kept): EAGLE-3's entry j
+  predicts x_{j+2}, so it moves to index j+1, where the target's prediction of that token is."""
+  return jnp.concatenate([jnp.zeros_like(x_BxTx[:, :1]), x_BxTx], axis=1)
+
+
 def _eagle_inputs(drafter: Eagle3FeatureDrafter, target_params, tokens_BxT, hidden):
   net_embed = drafter._embed(target_params, tokens_BxT[:, 1:])
   feats = tuple(h[:, :-1] for h in hidden)
@@ -83,8 +89,7 @@ def drafter_pass(drafter: Drafter, draft_params, target_params, tokens_BxT: Arra
       {"params": net}, embeds, fused, cache=cache, method=eagle3.Eagle3Drafter.step)
   logits = draft_params["vocab"].target_logits(logits_BxT1xVd, drafter.cfg.vocab_size)
   # entry j predicts x_{j+2}: shift right by one so index t predicts x_{t+1}
-  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
-  logits_BxTxV, hidden_BxTxE = shift(logits), shift(h_BxT1xE)
+  logits_BxTxV, hidden_BxTxE = _shift_right(logits), _shift_right(h_BxT1xE)
   valid_T = (jnp.arange(t) >= 1) & (jnp.arange(t) <= t - 2)
   return DrafterPass(logits_BxTxV, valid_T, cache, hidden_BxTxE)
 
@@ -142,9 +147,9 @@ def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: A
                                    cache=cache, attn_mask_BxTxS=mask,
                                    method=eagle3.Eagle3Drafter.step)
     # entry j predicts x_{j+2} -> index j+1; entries j < i have no chain yet
-    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
-    yield shift(logits), (idx >= i + 1) & (idx <= t - 2), shift(h)
-    hidden = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+    out_BxTxE = _shift_right(h)
+    yield _shift_right(logits), (idx >= i + 1) & (idx <= t - 2), out_BxTxE
+    hidden = out_BxTxE[:, :-1]  # entry j continues from entry j-1's output
 
 
 def eagle3_ttt_draft_logits(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,

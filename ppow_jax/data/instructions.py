@@ -5,7 +5,8 @@ responses with the target), which needs prompts, not answers. Without a download
 from what every machine with Python has: the standard library's public functions, classes and
 modules, read with ``ast`` (nothing is imported or executed), each turned into a coding or an
 explanation request; each documented function also becomes a completion request in
-HumanEval's form (its ``def`` line and docstring, nothing else), the form of code benchmarks. A user JSONL of prompts (any ``prompts.py`` record form) can replace them.
+HumanEval's form (its ``def`` line and docstring, nothing else), the form of code benchmarks.
+A user JSONL of prompts (any ``prompts.py`` record form) can replace them.
 
 Every item carries a ``key`` (its module) so train and held-out prompts never share a module.
 The selection is a pure function of the source files and the arguments.
@@ -14,6 +15,7 @@ The selection is a pure function of the source files and the arguments.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import os
 from typing import Iterator, Optional, Sequence
@@ -70,18 +72,11 @@ def _docstring_head(doc: str, limit: int = 600) -> str:
 def completion_stub(node: ast.FunctionDef, doc: str) -> str:
   """A HumanEval-style completion request: the function's ``def`` line (annotations and
   defaults kept, decorators dropped) and its docstring, indented, without a body."""
-  stub = ast.FunctionDef(node.name, node.args, [ast.Pass()], [], node.returns,
-                         getattr(node, "type_comment", None), **_type_params(node))
-  stub = ast.fix_missing_locations(ast.copy_location(stub, node))
+  stub = copy.copy(node)  # new lists below: ``node`` itself is left as it is
+  stub.decorator_list, stub.body = [], [ast.Pass()]
   header = ast.unparse(stub).splitlines()[0]
-  if isinstance(node, ast.AsyncFunctionDef):
-    header = "async " + header
   body = "\n".join(("    " + line).rstrip() for line in _docstring_head(doc).split("\n"))
   return f'{header}\n    """{body[4:]}\n    """\n'
-
-
-def _type_params(node: ast.FunctionDef) -> dict:
-  return {"type_params": node.type_params} if hasattr(node, "type_params") else {}
 
 
 def _signature(node: ast.FunctionDef) -> str:
