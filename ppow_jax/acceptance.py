@@ -157,7 +157,7 @@ def greedy_accept(draft_tokens_BxK: Array, target_logits_BxK1xV: Array,
   """
   _check_shapes(draft_tokens_BxK, target_logits_BxK1xV, draft_probs_BxKxV)
   k = draft_tokens_BxK.shape[1]
-  target_tokens_BxK1 = jnp.argmax(target_logits_BxK1xV, axis=-1).astype(jnp.int32)
+  target_tokens_BxK1 = sampling.greedy(target_logits_BxK1xV)
   match_BxK = draft_tokens_BxK.astype(jnp.int32) == target_tokens_BxK1[:, :k]
   num_accepted_B = leading_ones(match_BxK, max_accept_B)
   next_token_B = jnp.take_along_axis(target_tokens_BxK1, num_accepted_B[:, None], axis=1)[:, 0]

@@ -66,7 +66,7 @@ def _draft_chain(first_logits_BxV: Array, step_fn, carry: Any, rng: Array, windo
     if forced_BxK is not None:
       return forced_B
     if temperature == 0:  # no vocabulary-wide noise to draw (same token as sampling one-hot)
-      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+      return sampling.greedy(logits_BxV)
     probs_BxV = sampling.probs_from_logits(logits_BxV, temperature, top_p)
     return sampling.sample(key, probs_BxV).astype(jnp.int32)
 

@@ -277,7 +277,7 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
                        cache=s.target_cache.replace(lengths_B=s.n_B - 1),
                        method=llama.Decoder.forward)
     if cfg.temperature == 0:
-      tok_B = jnp.argmax(out.logits_BxTxV[:, 0], axis=-1).astype(jnp.int32)
+      tok_B = sampling.greedy(out.logits_BxTxV[:, 0])
     else:
       probs_BxV = sampling.probs_from_logits(out.logits_BxTxV[:, 0], cfg.temperature,
                                              cfg.top_p)

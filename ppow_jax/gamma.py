@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import engine, timing
+from ppow_jax import engine, sampling, timing
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
@@ -86,7 +86,7 @@ def _verify_looped(target_cfg, target_params, pre: _Prefilled, tokens: int,
     out = engine.verify(target, tp, cache.replace(lengths_B=n_B - 1), pending, drafts,
                         hidden_layers)
     # the next call's input depends on this call's output: nothing can be hoisted
-    return out.cache, jnp.argmax(out.logits_BxTxV[:, -1], -1).astype(jnp.int32)
+    return out.cache, sampling.greedy(out.logits_BxTxV[:, -1])
 
   return _Looped(step, (pre.target_cache, pending_B), (target_params, pre.n_B, drafts), calls)
 

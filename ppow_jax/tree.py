@@ -221,7 +221,7 @@ def _result(tree: Tree, path_BxD: Array, next_B: Array) -> TreeAccept:
 
 def greedy_accept(tree: Tree, target_logits_BxN1xV: Array, depth: int) -> TreeAccept:
   """The longest root path whose every token is the target's argmax at its parent."""
-  argmax_BxN1 = jnp.argmax(target_logits_BxN1xV, axis=-1).astype(jnp.int32)
+  argmax_BxN1 = sampling.greedy(target_logits_BxN1xV)
 
   def pick(step, u_B, alive_B):
     del step

@@ -62,6 +62,19 @@ class SamplingTest(absltest.TestCase):
       np.testing.assert_array_equal(probs.argmax(-1), logits.argmax(-1))
       np.testing.assert_array_equal(grid[0.0, 0.5], probs)  # top_p is ignored at T=0
 
+  def test_greedy_is_numpy_argmax_with_ties_to_the_lowest_index(self):
+    greedy = jax.jit(sampling.greedy)
+    # Ties everywhere (integer logits), including the max at index 0 and at the last index.
+    edges_BxV = np.zeros((2, 11), np.float32)
+    edges_BxV[0, 0] = edges_BxV[0, 5] = 1.0
+    edges_BxV[1, -1] = 1.0
+    for logits in (self.logits_BxV, self.tied_BxV, edges_BxV, self.tied_BxV.reshape(4, 4, 11)):
+      got = np.asarray(greedy(logits))
+      self.assertEqual(got.dtype, np.int32)
+      np.testing.assert_array_equal(got, logits.argmax(-1))
+    nan_1xV = np.array([[0.0, np.nan, 1.0]], np.float32)  # no maximum: still a valid index
+    self.assertEqual(int(greedy(nan_1xV)[0]), 2)
+
   def test_temperature_and_top_p_match_numpy(self):
     for logits in (self.logits_BxV, self.tied_BxV):
       grid = _grid(logits)

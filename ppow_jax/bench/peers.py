@@ -23,6 +23,7 @@ for every engine; llama.cpp's own decode-only rate is reported beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -85,8 +86,12 @@ class _Ours:
     draft, self.dp = hf.load(os.path.join(pair_dir, "drafter"))
     hf.check_same_vocab(target.cfg, draft.cfg, where=pair_dir)
     cfg = engine.DecodeConfig(window=window, max_new_tokens=max_new, eos_ids=())
+    # "prompt": the prompt pass and one token, whose time the decode-only AR rate leaves out
+    # (llama-bench's generation rate counts no prompt pass)
     self.engines = {"ar": engine.Engine(target.cfg, None, cfg),
-                    "spec": engine.Engine(target.cfg, drafters.LMDrafter(draft.cfg), cfg)}
+                    "spec": engine.Engine(target.cfg, drafters.LMDrafter(draft.cfg), cfg),
+                    "prompt": engine.Engine(target.cfg, None,
+                                            dataclasses.replace(cfg, max_new_tokens=1))}
     self.prompts, self.lens = engine.pad_prompts([prompt])
     self.out = {}
 
@@ -282,9 +287,10 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
   if llamacpp_bin:
     peers["llamacpp"] = _LlamaCpp(llamacpp_bin, pair_dir, window, max_new, text, prompt, threads,
                                   tok)
-  timed = timing.interleaved({f"{p}/{m}": (lambda peer=peer, m=m: peer.run(m))
-                              for p, peer in peers.items() for m in ("ar", "spec")},
-                             repeats, alternate=True)
+  runs = {f"{p}/{m}": (lambda peer=peer, m=m: peer.run(m))
+          for p, peer in peers.items() for m in ("ar", "spec")}
+  runs["ours/prompt"] = lambda: peers["ours"].run("prompt")
+  timed = timing.interleaved(runs, repeats, alternate=True)
   med = lambda p, m: timed.median(f"{p}/{m}")
   ours = peers["ours"]
   o_stats = ours.out["spec"].stats.summary()
@@ -294,6 +300,8 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
       "machine": timing.machine_info(), "load_avg_start_1_5_15": load_start,
       "ours": {"spec_tokens_per_s": max_new / med("ours", "spec"),
                "ar_tokens_per_s": max_new / med("ours", "ar"),
+               "ar_decode_only_tokens_per_s": (max_new - 1) / max(
+                   med("ours", "ar") - med("ours", "prompt"), 1e-9),
                "tau": o_stats["tau"], "verify_calls": o_stats["verify_calls"],
                "tokens": ours.tokens("spec"),
                "spec_equals_ar": ours.tokens("spec") == ours.tokens("ar")}}
@@ -334,6 +342,9 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
       result["llamacpp"]["compared_characters"] = n
     result["ours_over_llamacpp"] = ours_tps / e2e
     result["ours_over_llamacpp_decode_only"] = ours_tps / dec
+    if ar:  # both decode-only: llama-bench's generation rate, ours without the prompt pass
+      result["ours_ar_over_llamacpp_ar"] = (result["ours"]["ar_decode_only_tokens_per_s"]
+                                            / result["llamacpp"]["ar_tokens_per_s_llama_bench"])
   result["load_avg_end_1_5_15"] = list(os.getloadavg())
   return result
 
@@ -357,7 +368,10 @@ def format_table(r: dict) -> str:
     lines.append(f"{'llama.cpp':10} {lc['spec_tokens_per_s']:10.1f} "
                  f"{(f'{ar:9.1f}' if ar else '        -')} {lc['tau']:6.2f}  {same}; "
                  f"decode-only {lc['spec_decode_only_tokens_per_s']:.1f} tok/s")
-  for key in ("ours_over_hf", "ours_over_llamacpp", "ours_over_llamacpp_decode_only"):
+  lines.append(f"ours AR decode-only (prompt pass left out): "
+               f"{r['ours']['ar_decode_only_tokens_per_s']:.1f} tok/s")
+  for key in ("ours_over_hf", "ours_over_llamacpp", "ours_over_llamacpp_decode_only",
+              "ours_ar_over_llamacpp_ar"):
     if key in r:
       lines.append(f"{key}: {r[key]:.2f}")
   lines.append(f"load average {r['load_avg_start_1_5_15'][0]:.2f} -> "
