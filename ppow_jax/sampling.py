@@ -69,9 +69,9 @@ def greedy(logits_xV: Array) -> Array:
   """``argmax`` over the last axis (int32; ties go to the lowest index), as two plain reductions.
 
   The maximum, then the lowest index holding it: XLA's CPU backend vectorises both, while its
-  variadic (value, index) reduction behind ``jnp.argmax`` costs ~7-15x more over a vocabulary
-  (BENCHMARKS.md), once per AR step, draft token and verification. A row without a maximum
-  (NaN) gives the last index rather than an out-of-range one.
+  variadic (value, index) reduction behind ``jnp.argmax`` took 5-12x longer over a vocabulary
+  (BENCHMARKS.md), and decoding takes one per AR step, draft token and verification. A row
+  without a maximum (NaN) gives the last index rather than an out-of-range one.
   """
   v = logits_xV.shape[-1]
   max_x1 = jnp.max(logits_xV, axis=-1, keepdims=True)
