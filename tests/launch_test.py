@@ -176,12 +176,13 @@ class LaunchTest(parameterized.TestCase):
                              "--workdir=w"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
-    if interrupt:
-      deadline = time.time() + 20
+    if interrupt:  # once every process runs (generous limits: a loaded machine is slow)
+      deadline = time.time() + 60
       while len(os.listdir(pids)) < 3 and time.time() < deadline:
         time.sleep(0.05)
+      self.assertLen(os.listdir(pids), 3, "the processes did not start within 60 s")
       proc.send_signal(interrupt)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=120)
     return proc.returncode, err, logdir, pids
 
   def _assert_all_gone(self, pids: str):
