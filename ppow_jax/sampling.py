@@ -107,7 +107,7 @@ def sample_with_gumbel(gumbel_xV: Array, probs_xV: Array) -> Array:
   never chosen. A row of all zeros returns 0.
   """
   logp_xV = jnp.log(probs_xV.astype(jnp.float32))
-  return jnp.argmax(logp_xV + gumbel_xV, axis=-1).astype(jnp.int32)
+  return greedy(logp_xV + gumbel_xV)
 
 
 def sample(rng: Array, probs_xV: Array) -> Array:
