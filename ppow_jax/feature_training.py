@@ -8,11 +8,14 @@ are constants), at a fraction of the cost: no ``[B, T, V]`` tensor is ever built
 ``support_only`` instead renormalises the target on the draft vocabulary and drops positions
 whose target argmax is not drafted (EAGLE-3's own loss). ``feature_regression`` adds EAGLE-1's
 loss on the drafter's normed output against the target's final hidden state (the cache holds it).
+``feature_noise`` is EAGLE-1's augmentation: uniform noise on the target features the drafter
+reads, drawn afresh every step, so a few hundred thousand cached tokens look less like a set to
+memorise.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +36,29 @@ def constants(drafter: Eagle3FeatureDrafter, vocab: eagle3.DraftVocab, target_pa
   return {"vocab": vocab, "head_ExVd": jnp.take(head, kept_Vd, axis=1).astype(jnp.float32)}
 
 
+def augment_features(feats: tuple, key: Array, scale: float) -> tuple:
+  """Each feature ``[B, T, E]`` plus ``U(-scale, scale)`` noise times that feature's RMS over
+  its channels at that token: noise of ``scale`` in the units of the drafter's RMS-normed
+  input, whatever the size of the target's hidden states (SmolLM2's reach 2.5e4)."""
+  keys = jax.random.split(key, len(feats))
+  out = []
+  for k, f_BxTxE in zip(keys, feats):
+    rms_BxTx1 = jnp.sqrt(jnp.mean(jnp.square(f_BxTxE), axis=-1, keepdims=True))
+    u_BxTxE = jax.random.uniform(k, f_BxTxE.shape, f_BxTxE.dtype, -scale, scale)
+    out.append(f_BxTxE + u_BxTxE * rms_BxTx1)
+  return tuple(out)
+
+
 def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, net, consts: dict,
-                 target_params, batch: dict, support_only: bool) -> tuple[Array, dict]:
-  """EAGLE-3 TTT loss over the draft vocabulary from one batch of cached features."""
+                 target_params, batch: dict, support_only: bool,
+                 noise_key: Optional[Array] = None) -> tuple[Array, dict]:
+  """EAGLE-3 TTT loss over the draft vocabulary from one batch of cached features
+  (``noise_key``: the draw of ``cfg.feature_noise``; required when it is above 0)."""
   tokens, e3 = batch["tokens_BxT"], drafter.target_cfg.hidden_size
   feats_BxTx3E = batch["feats_BxTx3E"].astype(jnp.float32)
   feats = tuple(feats_BxTx3E[:, :-1, i * e3:(i + 1) * e3] for i in range(3))
+  if cfg.feature_noise > 0:
+    feats = augment_features(feats, noise_key, cfg.feature_noise)
   embeds = drafter._embed(target_params, tokens[:, 1:])
   logits_SxBxTxVd, valid_SxT, out_SxBxTxE = teacher_forcing.eagle3_ttt_draft_logits(
       drafter, net, embeds, feats, cfg.ttt_steps)
@@ -87,12 +107,13 @@ def _step(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig,
           optimizer: optax.GradientTransformation, support_only: bool) -> Callable:
 
   def step(state: train_step.TrainState, target_params, consts, batch):
+    rng, noise_key = jax.random.split(state.rng)
     (loss, metrics), grads = jax.value_and_grad(feature_loss, argnums=2, has_aux=True)(
-        drafter, cfg, state.params, consts, target_params, batch, support_only)
+        drafter, cfg, state.params, consts, target_params, batch, support_only, noise_key)
     state, gnorm = train_step._apply_update(optimizer, state, grads)
     metrics = dict(metrics, loss=loss, grad_norm=gnorm, updates=jnp.float32(1.0),
                    windows=jnp.asarray(batch["tokens_BxT"].size, jnp.float32))
-    return state.replace(step=state.step + 1), metrics
+    return state.replace(step=state.step + 1, rng=rng), metrics
 
   return step
 

@@ -147,6 +147,7 @@ RULES: dict[str, Rule] = {
     "baseline.ttt_from_step": _at_least(0),
     "baseline.step_decay": _at_least(0),
     "baseline.feature_regression": _at_least(0),
+    "baseline.feature_noise": _at_least(0),
     "baseline.feature_rows": _at_least(0),
     "baseline.feature_context": _at_least(0),
     "data.regenerate_batch_size": _at_least(1),

@@ -44,6 +44,9 @@ class BaselineConfig:
   # weight of EAGLE-1's feature regression (cached-feature training): smooth-L1 between the
   # drafter's final-normed output and the target's at the predicted position; 0 = off
   feature_regression: float
+  # EAGLE-1's augmentation (cached-feature training): U(-a, a) noise, in units of each
+  # feature's RMS at its token, on the target features the drafter reads; 0 = off
+  feature_noise: float
 
   def __post_init__(self):
     divergences.get_divergence(self.divergence)
@@ -51,6 +54,8 @@ class BaselineConfig:
       raise UserError(f"baseline.ttt_steps must be >= 1, got {self.ttt_steps}")
     if self.feature_regression < 0:
       raise UserError(f"baseline.feature_regression must be >= 0, got {self.feature_regression}")
+    if self.feature_noise < 0:
+      raise UserError(f"baseline.feature_noise must be >= 0, got {self.feature_noise}")
     if self.ttt_from_step < 0:
       raise UserError(f"baseline.ttt_from_step must be >= 0, got {self.ttt_from_step}")
 

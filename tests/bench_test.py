@@ -136,6 +136,16 @@ class PeersTest(absltest.TestCase):
     self.assertIn("text False on 120 characters", by_text)
     self.assertIn("ours_over_llamacpp: 1.20", by_text)
     self.assertIn("ours AR decode-only (prompt pass left out): 47.5 tok/s", by_text)
+    noisy = peers.format_table(dict(base, ours=dict(base["ours"], ar_decode_only_tokens_per_s=None),
+                                    llamacpp=dict(lc, same_text_as_ours=True,
+                                                  compared_characters=9)))
+    self.assertIn("decode-only (prompt pass left out): - (", noisy)
+
+  def test_decode_only_rate_leaves_out_the_prompt_pass_and_its_first_token(self):
+    # 65 new tokens in 2.0 s, the prompt pass plus the first token 0.4 s: 64 tokens in 1.6 s
+    self.assertAlmostEqual(peers.decode_only_rate(65, 2.0, 0.4), 40.0)
+    self.assertIsNone(peers.decode_only_rate(65, 0.4, 0.4))  # noise: no rate, not a huge one
+    self.assertIsNone(peers.decode_only_rate(65, 0.3, 0.4))
 
 
 class CompareTest(absltest.TestCase):

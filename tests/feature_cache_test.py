@@ -190,6 +190,49 @@ class FeatureCacheTest(absltest.TestCase):
     for shift in (-1, 1):  # a target one position off is a different loss
       self.assertGreater(abs(float(metrics["regression_loss"]) - reference(shift)), 1e-3)
 
+  def test_feature_noise_is_uniform_in_units_of_each_tokens_feature_rms(self):
+    rng = np.random.default_rng(5)
+    # per-token scales six orders of magnitude apart: noise follows each token's own RMS
+    scale_BxTx1 = 10.0 ** rng.integers(-2, 5, (4, 50, 1))
+    feats = tuple(jnp.asarray(rng.normal(size=(4, 50, 64)) * scale_BxTx1 * (i + 1), jnp.float32)
+                  for i in range(3))
+    noisy = feature_training.augment_features(feats, jax.random.PRNGKey(0), 0.3)
+    for f, g in zip(feats, noisy):
+      f, g = np.asarray(f, np.float64), np.asarray(g, np.float64)
+      rel = (g - f) / np.sqrt((f ** 2).mean(-1, keepdims=True))
+      self.assertLessEqual(np.abs(rel).max(), 0.3 + 1e-4)
+      self.assertGreater(np.abs(rel).max(), 0.29)  # fills the interval
+      self.assertLess(abs(rel.mean()), 0.01)
+      np.testing.assert_allclose(rel.std(), 0.3 / np.sqrt(3), rtol=0.03)
+    self.assertFalse(np.allclose(np.asarray(noisy[0]) - np.asarray(feats[0]),
+                                 np.asarray(noisy[1]) - np.asarray(feats[1])))  # own draws
+    same = feature_training.augment_features(feats, jax.random.PRNGKey(0), 0.0)
+    for f, g in zip(feats, same):
+      np.testing.assert_array_equal(np.asarray(f), np.asarray(g))
+
+  def test_feature_noise_reaches_the_features_the_loss_reads(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup(norm_before_fc=True)
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    batch = {"tokens_BxT": tokens, "loss_mask_BxT": mask,
+             **{feature_cache.BATCH_KEYS[k]: v for k, v in feats.items()}}
+    consts = feature_training.constants(drafter, vocab, tparams)
+    key = jax.random.PRNGKey(7)
+    loss = lambda cfg, b: float(jax.jit(lambda n: feature_training.feature_loss(
+        drafter, cfg, n, consts, tparams, b, False, key))(net)[0])
+    noisy = loss(_baseline(ttt_steps=2, feature_noise=0.5), batch)
+    plain = loss(_baseline(ttt_steps=2, feature_noise=0.0), batch)
+    self.assertGreater(abs(noisy - plain), 1e-4)
+    # the same loss without noise on features augmented by hand (entries 0..T-2 are read)
+    e = TARGET.hidden_size
+    f_BxTx3E = np.asarray(batch["feats_BxTx3E"], np.float32)
+    parts = tuple(jnp.asarray(f_BxTx3E[:, :-1, i * e:(i + 1) * e]) for i in range(3))
+    by_hand = f_BxTx3E.copy()
+    by_hand[:, :-1] = np.concatenate(
+        [np.asarray(p) for p in feature_training.augment_features(parts, key, 0.5)], -1)
+    np.testing.assert_allclose(
+        loss(_baseline(ttt_steps=2, feature_noise=0.0), dict(batch, feats_BxTx3E=by_hand)),
+        noisy, rtol=1e-5)
+
   def test_document_context_gives_each_token_its_whole_document_pass(self):
     docs = [f"item {k}: " + "alpha beta gamma delta " * k for k in (3, 6, 2, 5)]
     tok = tokenizer_lib.train_bpe(docs, 300)

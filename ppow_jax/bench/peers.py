@@ -70,6 +70,15 @@ def _prompt_ids(tok, tok_config: dict, text: str) -> list[int]:
   return ids
 
 
+def decode_only_rate(new_tokens: int, full_s: float, prompt_s: float) -> Optional[float]:
+  """Tokens/s of generation without its prompt pass: ``new_tokens - 1`` tokens in the time
+  a whole generation takes beyond the prompt pass plus its first token (``prompt_s``). None
+  when noise makes the prompt-only call as slow as the whole one (no rate can be told)."""
+  if full_s <= prompt_s:
+    return None
+  return (new_tokens - 1) / (full_s - prompt_s)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> dict:
   n = min(len(a), len(b))
   first = next((i for i in range(n) if a[i] != b[i]), None)
@@ -300,8 +309,8 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
       "machine": timing.machine_info(), "load_avg_start_1_5_15": load_start,
       "ours": {"spec_tokens_per_s": max_new / med("ours", "spec"),
                "ar_tokens_per_s": max_new / med("ours", "ar"),
-               "ar_decode_only_tokens_per_s": (max_new - 1) / max(
-                   med("ours", "ar") - med("ours", "prompt"), 1e-9),
+               "ar_decode_only_tokens_per_s": decode_only_rate(max_new, med("ours", "ar"),
+                                                               med("ours", "prompt")),
                "tau": o_stats["tau"], "verify_calls": o_stats["verify_calls"],
                "tokens": ours.tokens("spec"),
                "spec_equals_ar": ours.tokens("spec") == ours.tokens("ar")}}
@@ -342,7 +351,7 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
       result["llamacpp"]["compared_characters"] = n
     result["ours_over_llamacpp"] = ours_tps / e2e
     result["ours_over_llamacpp_decode_only"] = ours_tps / dec
-    if ar:  # both decode-only: llama-bench's generation rate, ours without the prompt pass
+    if ar and result["ours"]["ar_decode_only_tokens_per_s"]:  # both decode-only: llama-bench's generation rate, ours without the prompt pass
       result["ours_ar_over_llamacpp_ar"] = (result["ours"]["ar_decode_only_tokens_per_s"]
                                             / result["llamacpp"]["ar_tokens_per_s_llama_bench"])
   result["load_avg_end_1_5_15"] = list(os.getloadavg())
@@ -368,8 +377,9 @@ def format_table(r: dict) -> str:
     lines.append(f"{'llama.cpp':10} {lc['spec_tokens_per_s']:10.1f} "
                  f"{(f'{ar:9.1f}' if ar else '        -')} {lc['tau']:6.2f}  {same}; "
                  f"decode-only {lc['spec_decode_only_tokens_per_s']:.1f} tok/s")
-  lines.append(f"ours AR decode-only (prompt pass left out): "
-               f"{r['ours']['ar_decode_only_tokens_per_s']:.1f} tok/s")
+  rate = r["ours"]["ar_decode_only_tokens_per_s"]
+  lines.append("ours AR decode-only (prompt pass left out): " + (
+      f"{rate:.1f} tok/s" if rate else "- (the prompt-only call timed as slow as the whole one)"))
   for key in ("ours_over_hf", "ours_over_llamacpp", "ours_over_llamacpp_decode_only",
               "ours_ar_over_llamacpp_ar"):
     if key in r:
