@@ -123,6 +123,17 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     self.assertAlmostEqual(s["tau_analytic"] * s["verify_calls"],
                            s["accepted"] + s["verify_calls"], delta=1e-3)
 
+  def test_fused_projections_decode_the_same_tokens(self):
+    drafter, dparams = make_drafter("eagle3", TARGET, SMALL, self.tp)
+    cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW)
+    fused = llama.fuse_projections(self.tp)
+    ar = engine.Engine(TARGET, None, cfg).generate(fused, None, self.prompts, self.lens,
+                                                  jax.random.PRNGKey(0))
+    self.assertEqual(ar.new_tokens(), self.ar_tokens)
+    spec = engine.Engine(TARGET, drafter, cfg).generate(
+        fused, llama.fuse_projections(dparams), self.prompts, self.lens, jax.random.PRNGKey(0))
+    self.assertEqual(spec.new_tokens(), self.ar_tokens)
+
   def test_chunked_prompt_pass(self):
     # chunks of 3 over the 16 padded prompt slots: a scan of 5 chunks and a remainder of 1;
     # EAGLE-3 reads the target's hidden states of every prompt position across the chunks

@@ -127,6 +127,30 @@ class CacheTest(absltest.TestCase):
     agree = np.mean(np.argmax(logits, -1) == np.argmax(self.full, -1))
     self.assertGreater(agree, 0.9)
 
+  def test_fused_projections_compute_the_same_logits_and_cache(self):
+    fused = llama.fuse_projections(self.params)
+    attn, mlp = fused["layers_0"]["self_attn"], fused["layers_0"]["mlp"]
+    self.assertNotIn("q_proj", attn)
+    self.assertNotIn("gate_proj", mlp)
+    h, kv, d, e = CFG.num_heads, CFG.num_kv_heads, CFG.resolved_head_dim, CFG.hidden_size
+    self.assertEqual(attn["qkv_proj"].shape, (e, (h + 2 * kv) * d))
+    self.assertEqual(mlp["gate_up_proj"].shape, (e, 2 * CFG.intermediate_size))
+    self.assertIn("q_bias", attn)  # biases and norms are left as they are
+    full = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(fused, self.tokens)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(self.full), rtol=1e-5, atol=1e-5)
+    fwd = _forward(CFG)
+    a = fwd(self.params, self.tokens, llama.init_cache(CFG, 2, 24))
+    b = fwd(fused, self.tokens, llama.init_cache(CFG, 2, 24))
+    np.testing.assert_allclose(np.asarray(b.cache.k_BKxSxD[2]), np.asarray(a.cache.k_BKxSxD[2]),
+                               rtol=1e-5, atol=1e-5)
+    # the column order matters: k and v (same shape) swapped is a different model
+    bad = jax.tree_util.tree_map(lambda x: x, fused)
+    qkv = bad["layers_1"]["self_attn"]["qkv_proj"]
+    q, k, v = qkv[:, :h * d], qkv[:, h * d:(h + kv) * d], qkv[:, (h + kv) * d:]
+    bad["layers_1"]["self_attn"]["qkv_proj"] = jnp.concatenate([q, v, k], 1)
+    wrong = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(bad, self.tokens)
+    self.assertGreater(float(jnp.abs(wrong - self.full).max()), 1e-2)
+
   def test_config_errors_name_the_field(self):
     with self.assertRaisesRegex(ValueError, "num_heads=6 is not a multiple of num_kv_heads=4"):
       llama.ModelConfig(vocab_size=5, hidden_size=12, intermediate_size=8, num_layers=1,

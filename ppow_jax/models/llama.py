@@ -245,16 +245,22 @@ class Attention(nn.Module):
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     e_in = self.in_features or cfg.hidden_size
     dt = to_dtype(cfg.dtype)
-    wq = _param(self, "q_proj", (e_in, h, d), ("embed", "heads", "head_dim"), cfg)
-    wk = _param(self, "k_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
-    wv = _param(self, "v_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
     wo = _param(self, "o_proj", (h, d, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg)
     x = x_BxTxE.astype(dt)
     b, t = x.shape[:2]
-    # [E, H, D] -> [E, H*D] is a free reshape; the 2-D form avoids per-call weight transposes
-    q_BxTxHxD = _matmul(x, wq.astype(dt).reshape(e_in, h * d)).reshape(b, t, h, d)
-    k_BxTxKxD = _matmul(x, wk.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
-    v_BxTxKxD = _matmul(x, wv.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
+    if self.has_variable("params", "qkv_proj"):  # fuse_projections' layout: one matmul
+      qkv_BxTxN = _matmul(x, self.get_variable("params", "qkv_proj").astype(dt))
+      q_BxTxHxD = qkv_BxTxN[..., :h * d].reshape(b, t, h, d)
+      k_BxTxKxD = qkv_BxTxN[..., h * d:(h + kv) * d].reshape(b, t, kv, d)
+      v_BxTxKxD = qkv_BxTxN[..., (h + kv) * d:].reshape(b, t, kv, d)
+    else:
+      wq = _param(self, "q_proj", (e_in, h, d), ("embed", "heads", "head_dim"), cfg)
+      wk = _param(self, "k_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+      wv = _param(self, "v_proj", (e_in, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+      # [E, H, D] -> [E, H*D] is a free reshape; the 2-D form avoids per-call weight transposes
+      q_BxTxHxD = _matmul(x, wq.astype(dt).reshape(e_in, h * d)).reshape(b, t, h, d)
+      k_BxTxKxD = _matmul(x, wk.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
+      v_BxTxKxD = _matmul(x, wv.astype(dt).reshape(e_in, kv * d)).reshape(b, t, kv, d)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_BxTxHxD += _param(self, "q_bias", (h, d), ("heads", "head_dim"), cfg, zeros).astype(dt)
@@ -310,11 +316,16 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dt = to_dtype(cfg.dtype)
     e, m = cfg.hidden_size, cfg.intermediate_size
-    gate = _param(self, "gate_proj", (e, m), ("embed", "mlp"), cfg)
-    up = _param(self, "up_proj", (e, m), ("embed", "mlp"), cfg)
     down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
     x = x_BxTxE.astype(dt)
-    h_BxTxM = jax.nn.silu(_matmul(x, gate.astype(dt))) * _matmul(x, up.astype(dt))
+    if self.has_variable("params", "gate_up_proj"):  # fuse_projections' layout
+      gu_BxTx2M = _matmul(x, self.get_variable("params", "gate_up_proj").astype(dt))
+      gate_BxTxM, up_BxTxM = gu_BxTx2M[..., :m], gu_BxTx2M[..., m:]
+    else:
+      gate = _param(self, "gate_proj", (e, m), ("embed", "mlp"), cfg)
+      up = _param(self, "up_proj", (e, m), ("embed", "mlp"), cfg)
+      gate_BxTxM, up_BxTxM = _matmul(x, gate.astype(dt)), _matmul(x, up.astype(dt))
+    h_BxTxM = jax.nn.silu(gate_BxTxM) * up_BxTxM
     h_BxTxM = nn.with_logical_constraint(h_BxTxM, ("batch", "length", "mlp"))
     return _matmul(h_BxTxM, down.astype(dt))
 
@@ -408,6 +419,26 @@ def init_params(cfg: ModelConfig, rng: Array) -> dict:
   # one compiled program (an eager init compiles each of its hundreds of ops on its own)
   init = jax.jit(lambda key: Decoder(cfg).init(key, jnp.zeros((1, 2), jnp.int32)))
   return nn.unbox(init(rng)["params"])
+
+
+def fuse_projections(params: dict) -> dict:
+  """The same weights for decoding with fewer, larger matmuls: in every attention block
+  ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj`` ``[E, (H + 2 KV) * D]`` and in every
+  MLP ``gate_proj``/``up_proj`` one ``gate_up_proj`` ``[E, 2 M]`` (columns in that order). The
+  modules read either layout; a batch-1 decode step streams every weight once, and on a CPU
+  fewer matmul calls stream them faster. Concatenates once, outside any jitted step: meant for
+  unsharded inference copies of the weights (training keeps the separate layout)."""
+  def walk(node):
+    if not isinstance(node, dict):
+      return node
+    out = {k: walk(v) for k, v in node.items()}
+    if all(k in out for k in ("q_proj", "k_proj", "v_proj")):
+      q, k, v = (out.pop(n) for n in ("q_proj", "k_proj", "v_proj"))
+      out["qkv_proj"] = jnp.concatenate([w.reshape(w.shape[0], -1) for w in (q, k, v)], axis=1)
+    if "gate_proj" in out and "up_proj" in out:
+      out["gate_up_proj"] = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
+    return out
+  return walk(params)
 
 
 def param_count(params) -> int:
