@@ -68,6 +68,8 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
   ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically. With
   ``tree_shape`` each drafter gets a second row, drafted as that tree.
   """
+  target_params = engine.decoding_params(target_params)
+  drafters = {name: (d, engine.decoding_params(p)) for name, (d, p) in drafters.items()}
   min_len = max(len(p) for p in prompts)
   draftings = ("chain", "tree") if tree_shape else ("chain",)
   rows = []

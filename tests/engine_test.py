@@ -134,6 +134,17 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
         fused, llama.fuse_projections(dparams), self.prompts, self.lens, jax.random.PRNGKey(0))
     self.assertEqual(spec.new_tokens(), self.ar_tokens)
 
+  def test_decoding_params_fuse_local_weights_and_leave_sharded_ones(self):
+    host = jax.tree_util.tree_map(np.asarray, self.tp)
+    for params in (self.tp, host):
+      self.assertIn("qkv_proj", engine.decoding_params(params)["layers_0"]["self_attn"])
+    self.assertIsNone(engine.decoding_params(None))
+    if len(jax.devices()) < 2:
+      self.skipTest("needs 2 devices (the suite fakes 8)")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("x",))
+    spread = jax.device_put(self.tp, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self.assertIs(engine.decoding_params(spread), spread)
+
   def test_chunked_prompt_pass(self):
     # chunks of 3 over the 16 padded prompt slots: a scan of 5 chunks and a remainder of 1;
     # EAGLE-3 reads the target's hidden states of every prompt position across the chunks

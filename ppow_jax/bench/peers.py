@@ -91,9 +91,10 @@ def _common_prefix(a: list[int], b: list[int]) -> dict:
 
 class _Ours:
   def __init__(self, pair_dir: str, window: int, max_new: int, prompt: list[int]):
-    target, self.tp = hf.load(os.path.join(pair_dir, "target"))
-    draft, self.dp = hf.load(os.path.join(pair_dir, "drafter"))
+    target, tp = hf.load(os.path.join(pair_dir, "target"))
+    draft, dp = hf.load(os.path.join(pair_dir, "drafter"))
     hf.check_same_vocab(target.cfg, draft.cfg, where=pair_dir)
+    self.tp, self.dp = engine.decoding_params(tp), engine.decoding_params(dp)
     cfg = engine.DecodeConfig(window=window, max_new_tokens=max_new, eos_ids=())
     # "prompt": the prompt pass and one token, whose time the decode-only AR rate leaves out
     # (llama-bench's generation rate counts no prompt pass)
