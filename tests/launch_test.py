@@ -27,7 +27,13 @@ GPU_ENV = {"WORKDIR": "/shared/ppow/run1", "CONFIG": "configs/llama33_70b_eagle3
 _FAKE_PYTHON = """#!/bin/sh
 echo "process $PPOW_PROCESS_ID of $PPOW_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS: $*"
 echo $$ > "$PIDS/$PPOW_PROCESS_ID"
-[ "$PPOW_PROCESS_ID" = "$FAIL_ID" ] && exit 3
+if [ "$PPOW_PROCESS_ID" = "$FAIL_ID" ]; then  # fail once every process runs (up to 60 s)
+  i=0
+  while [ "$(ls "$PIDS" | wc -l)" -lt "$PPOW_NUM_PROCESSES" ] && [ $i -lt 600 ]; do
+    sleep 0.1; i=$((i + 1))
+  done
+  exit 3
+fi
 [ -n "$FAIL_ID" ] && exec sleep 300
 exit 0
 """
