@@ -352,9 +352,10 @@ class Engine:
 
 
 def decoding_params(params):
-  """``params`` with fused projections (``llama.fuse_projections``) when every array lives on
-  one device or are host arrays: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a 2-core CPU (BENCHMARKS.md).
-  Sharded params come back as they are, their sharding rules naming the separate projections."""
+  """``params`` with fused projections (``llama.fuse_projections``) when every array is a host
+  array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a 2-core
+  CPU (BENCHMARKS.md). Sharded params come back as they are, their sharding rules naming the
+  separate projections."""
   leaves = jax.tree_util.tree_leaves(params)
   local = lambda x: isinstance(x, np.ndarray) or (isinstance(x, jax.Array)
                                                   and len(x.sharding.device_set) == 1)

@@ -68,8 +68,6 @@ def evaluate(target_cfg: llama.ModelConfig, target_params, drafters: dict,
   ``drafters`` maps a name to ``(drafter, params)``; "ar" is added automatically. With
   ``tree_shape`` each drafter gets a second row, drafted as that tree.
   """
-  target_params = engine.decoding_params(target_params)
-  drafters = {name: (d, engine.decoding_params(p)) for name, (d, p) in drafters.items()}
   min_len = max(len(p) for p in prompts)
   draftings = ("chain", "tree") if tree_shape else ("chain",)
   rows = []
@@ -134,6 +132,9 @@ def evaluate_sets(c, target_cfg: llama.ModelConfig, target_params, drafters: dic
   ``"benchmark"``), plus the mean over the sets when there are several: the eval stage.
   Rows stop at the tokenizer's ``eos_id`` when ``eval.eos`` is set."""
   eos_ids = (eos_id,) if (c.eval.eos and eos_id is not None) else ()
+  # the decoding layout of the weights, made once for every set
+  target_params = engine.decoding_params(target_params)
+  drafters = {name: (d, engine.decoding_params(p)) for name, (d, p) in drafters.items()}
   rows = []
   for bench, prompts in prompt_sets.items():
     print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)

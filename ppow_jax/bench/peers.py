@@ -352,7 +352,8 @@ def run_peers(pair_dir: str, window: int, max_new: int, text: str, repeats: int,
       result["llamacpp"]["compared_characters"] = n
     result["ours_over_llamacpp"] = ours_tps / e2e
     result["ours_over_llamacpp_decode_only"] = ours_tps / dec
-    if ar and result["ours"]["ar_decode_only_tokens_per_s"]:  # both decode-only: llama-bench's generation rate, ours without the prompt pass
+    # both decode-only: llama-bench's generation rate, ours without the prompt pass
+    if ar and result["ours"]["ar_decode_only_tokens_per_s"]:
       result["ours_ar_over_llamacpp_ar"] = (result["ours"]["ar_decode_only_tokens_per_s"]
                                             / result["llamacpp"]["ar_tokens_per_s_llama_bench"])
   result["load_avg_end_1_5_15"] = list(os.getloadavg())
