@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline.ttt_from_step = 0  # before this step S = 1: the first draft step learns alone
   c.baseline.feature_regression = 0.0  # EAGLE-1's smooth-L1 on the drafter's normed output (weight)
   c.baseline.feature_noise = 0.0  # EAGLE-1's U(-a, a) noise on the features, in units of their RMS
+  c.baseline.document_mask = False  # attention within each conversation of a packed row
   c.baseline.feature_cache = True  # eagle3: target features computed once, reused every epoch
   c.baseline.feature_rows = 0  # rows with cached features (0 = steps * batch, at most an epoch)
   c.baseline.feature_dtype = "float16"  # storage dtype of cached features

@@ -124,6 +124,7 @@ def _feature_training(c, paths: layout.Layout, target_cfg: llama.ModelConfig, ta
   cache = feature_cache.build(path, rows, target_cfg, target_params,
                               drafter.target_hidden_layers, c.baseline.feature_dtype,
                               context=context)
+  cache = dict(cache, segments=rows["segments"])  # not stored: the rows give them
   step = feature_training.make_step(drafter, settings.baseline(c), optimizer,
                                     c.baseline.support_only)
   structure = next(feature_cache.CachedIterator(cache, batch, 0))

@@ -47,7 +47,8 @@ from ppow_jax.models import llama
 Array = jax.Array
 FIELDS = ("tokens", "loss_mask", "feats", "final", "lse", "argmax")
 BATCH_KEYS = {"tokens": "tokens_BxT", "loss_mask": "loss_mask_BxT", "feats": "feats_BxTx3E",
-              "final": "final_BxTxE", "lse": "lse_BxT", "argmax": "argmax_BxT"}
+              "final": "final_BxTxE", "lse": "lse_BxT", "argmax": "argmax_BxT",
+              "segments": "segment_ids_BxT"}  # segments: from the rows, not stored
 
 
 def target_features(target_cfg: llama.ModelConfig, target_params, tokens_BxT: Array,
@@ -89,24 +90,28 @@ def digest(*parts: Any, target_params=None) -> str:
 def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int,
                 locate: bool = True) -> dict[str, np.ndarray]:
   """One unshuffled epoch of the input pipeline's packed rows (rows with no loss token are
-  dropped), at most ``max_rows``: ``tokens``, ``loss_mask``, and with ``locate`` (what
+  dropped), at most ``max_rows``: ``tokens``, ``loss_mask``, ``segments`` (the pipeline's
+  segment ids: the conversations of a row numbered from 1, padding 0), and with ``locate`` (what
   ``build`` needs for ``context`` > 0; it tokenises the documents once more) for every token
   its document (``doc``, an index into ``documents``; -1 on padding) and position in it
   (``pos``); ``documents`` holds the token ids of every document."""
   it = pipeline.make_train_iterator(source, tokenizer, seq_len, 1, 0, num_epochs=1,
                                     shuffle=False, num_threads=0)
-  tokens, masks, kept = [], [], []
+  tokens, masks, segments, kept = [], [], [], []
   for r, batch in enumerate(it):
     if batch["loss_mask_BxT"].sum():
       tokens.append(batch["tokens_BxT"][0])
       masks.append(batch["loss_mask_BxT"][0])
+      segments.append(batch["segment_ids_BxT"][0])
       kept.append(r)
     if len(tokens) == max_rows:
       break
   if not tokens:
     raise UserError("no training rows with loss tokens to compute target features for")
+  rows = {"tokens": np.stack(tokens), "loss_mask": np.stack(masks),
+          "segments": np.stack(segments)}
   if not locate:
-    return {"tokens": np.stack(tokens), "loss_mask": np.stack(masks)}
+    return rows
   info, docs, covered = tokenizer_lib.as_info(tokenizer), [], 0
   for i in range(len(source)):  # the documents the kept rows come from, in pipeline order
     if covered >= (kept[-1] + 1) * seq_len:
@@ -122,12 +127,12 @@ def packed_rows(source: Sequence[Any], tokenizer, seq_len: int, max_rows: int,
   doc[:n] = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)
   pos[:n] = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
   doc, pos = doc.reshape(-1, seq_len)[kept], pos.reshape(-1, seq_len)[kept]
-  tokens = np.stack(tokens)
-  flat = np.concatenate(docs)
+  tokens, flat = rows["tokens"], np.concatenate(docs)
   if not np.array_equal(np.where(doc >= 0, flat[_flat_index(lengths, doc, pos)], tokens), tokens):
     raise AssertionError("packed rows do not follow the documents in order")
-  return {"tokens": tokens, "loss_mask": np.stack(masks), "doc": doc, "pos": pos,
-          "documents": docs}
+  if not np.array_equal(np.diff(doc, axis=1) != 0, np.diff(rows["segments"], axis=1) != 0):
+    raise AssertionError("the pipeline's segment ids do not follow the documents")
+  return dict(rows, doc=doc, pos=pos, documents=docs)
 
 
 def _flat_index(lengths: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -266,13 +271,15 @@ class Rows:
 
 
 class CachedIterator:
-  """Shuffled batches of cached rows, a fresh permutation each epoch (seeded); the state is
+  """Shuffled batches of cached rows (every field of ``BATCH_KEYS`` that ``cache`` holds),
+  a fresh permutation each epoch (seeded); the state is
   two integers, so ``trainer.run`` resumes the exact stream. ``lazy``: batches of ``Rows``,
   read when placed, instead of numpy arrays."""
 
   def __init__(self, cache: dict[str, np.ndarray], batch_size: int, seed: int,
                lazy: bool = False):
     self._cache, self._batch, self._seed, self._lazy = cache, batch_size, seed, lazy
+    self._fields = [k for k in BATCH_KEYS if k in cache]
     self._n = len(cache["tokens"])
     if self._n < 1:
       raise UserError("the feature cache holds no rows")
@@ -294,8 +301,8 @@ class CachedIterator:
         self._epoch, self._pos = self._epoch + 1, 0
     idx = np.sort(np.asarray(idx))  # memory-mapped reads in file order
     if self._lazy:
-      return {BATCH_KEYS[k]: Rows(self._cache[k], idx) for k in FIELDS}
-    return {BATCH_KEYS[k]: np.asarray(self._cache[k][idx]) for k in FIELDS}
+      return {BATCH_KEYS[k]: Rows(self._cache[k], idx) for k in self._fields}
+    return {BATCH_KEYS[k]: np.asarray(self._cache[k][idx]) for k in self._fields}
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "pos": self._pos}

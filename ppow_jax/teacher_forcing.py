@@ -123,15 +123,32 @@ def _ttt_mask(t1: int, steps: int, step: int) -> Array:
   return (prefix | chain).reshape(t1, steps * t1)
 
 
+def document_mask(segments_BxT1: Array, steps: int, step: int) -> Array:
+  """[B, T1, steps*T1]: entry j of step ``step`` may see a step-0 entry m only when m is in
+  the document of the entry its chain left from (j - step); its own chain entries always.
+
+  In a packed row this keeps the drafter's attention inside one conversation, as it is when
+  the drafter decodes (its context is the one conversation). Entries j < step have no
+  prefix (``_ttt_mask``), so what this says about them does not matter.
+  """
+  t1 = segments_BxT1.shape[1]
+  anchor_BxT1 = jnp.take(segments_BxT1, jnp.maximum(jnp.arange(t1) - step, 0), axis=1)
+  same_BxT1xT1 = anchor_BxT1[:, :, None] == segments_BxT1[:, None, :]
+  later = jnp.ones(same_BxT1xT1.shape[:2] + ((steps - 1) * t1,), bool)
+  return jnp.concatenate([same_BxT1xT1, later], axis=-1)
+
+
 def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
-                            feats: tuple, steps: int):
+                            feats: tuple, steps: int, segments_BxT1: Optional[Array] = None):
   """Yields ``(logits_BxTxVd, valid_T, out_BxTxE)`` for each step of the TTT unroll, in the
   draft vocabulary (index t -> x_{t+1}; ``out`` the pre-norm output hidden that made the
   logits), from the embeddings of x_1.. and the target features of x_0.. (``[B, T-1, *]``
   each: live or from the feature cache).
 
   One step at a time, so a caller that reduces each step (ADAW's scores) never holds all
-  ``S`` steps' logits at once.
+  ``S`` steps' logits at once. ``segments_BxT1`` (the document of each entry's feature
+  position, as the input pipeline numbers them): attention stays within a document
+  (``document_mask``); None: across the whole row.
   """
   b, t1 = embeds_BxT1xE.shape[:2]
   t = t1 + 1
@@ -142,6 +159,8 @@ def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: A
   idx = jnp.arange(t)
   for i in range(steps):
     mask = jnp.broadcast_to(_ttt_mask(t1, steps, i), (b, t1, steps * t1))
+    if segments_BxT1 is not None:
+      mask = mask & document_mask(segments_BxT1, steps, i)
     cache = cache.replace(lengths_B=jnp.full((b,), i * t1, jnp.int32))
     h, logits, cache = model.apply({"params": net}, embeds_BxT1xE, hidden, positions,
                                    cache=cache, attn_mask_BxTxS=mask,
@@ -153,25 +172,31 @@ def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: A
 
 
 def eagle3_ttt_draft_logits(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
-                            feats: tuple, steps: int) -> tuple[Array, Array, Array]:
+                            feats: tuple, steps: int, segments_BxT1: Optional[Array] = None
+                            ) -> tuple[Array, Array, Array]:
   """Draft-vocabulary logits ``[S, B, T, Vd]``, validity ``[S, T]`` and the pre-norm output
   hidden states ``[S, B, T, E]`` of the TTT unroll."""
-  logits, valid, out = zip(*eagle3_ttt_draft_unroll(drafter, net, embeds_BxT1xE, feats, steps))
+  logits, valid, out = zip(*eagle3_ttt_draft_unroll(drafter, net, embeds_BxT1xE, feats, steps,
+                                                     segments_BxT1))
   return jnp.stack(logits), jnp.stack(valid), jnp.stack(out)
 
 
 def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params,
-                      tokens_BxT: Array, tpass: TargetPass, steps: int):
-  """Yields ``(logits_BxTxV, valid_T)`` of the TTT unroll in the target vocabulary."""
+                      tokens_BxT: Array, tpass: TargetPass, steps: int,
+                      segments_BxT: Optional[Array] = None):
+  """Yields ``(logits_BxTxV, valid_T)`` of the TTT unroll in the target vocabulary
+  (``segments_BxT``: attention within documents, as in ``eagle3_ttt_draft_unroll``)."""
   embeds, feats = _eagle_inputs(drafter, target_params, tokens_BxT, tpass.hidden)
+  segments = None if segments_BxT is None else segments_BxT[:, :-1]
   for logits, valid, _ in eagle3_ttt_draft_unroll(drafter, draft_params["net"], embeds, feats,
-                                                  steps):
+                                                  steps, segments):
     yield draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size), valid
 
 
 def eagle3_ttt_logits(drafter: Eagle3FeatureDrafter, draft_params, target_params,
-                      tokens_BxT: Array, tpass: TargetPass, steps: int) -> tuple[Array, Array]:
+                      tokens_BxT: Array, tpass: TargetPass, steps: int,
+                      segments_BxT: Optional[Array] = None) -> tuple[Array, Array]:
   """Logits ``[S, B, T, V]`` (index t -> x_{t+1}) and validity ``[S, T]`` of the TTT unroll."""
   logits, valid = zip(*eagle3_ttt_unroll(drafter, draft_params, target_params, tokens_BxT,
-                                         tpass, steps))
+                                         tpass, steps, segments_BxT))
   return jnp.stack(logits), jnp.stack(valid)

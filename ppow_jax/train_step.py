@@ -47,6 +47,13 @@ class BaselineConfig:
   # EAGLE-1's augmentation (cached-feature training): U(-a, a) noise, in units of each
   # feature's RMS at its token, on the target features the drafter reads; 0 = off
   feature_noise: float
+  # the drafter's attention stays within each conversation of a packed row (the input
+  # pipeline's segment ids), as when it decodes; False: across the whole row
+  document_mask: bool
+
+  def row_segments(self, batch: dict) -> Optional[Array]:
+    """The batch's segment ids when ``document_mask`` is on, else None."""
+    return batch["segment_ids_BxT"] if self.document_mask else None
 
   def __post_init__(self):
     divergences.get_divergence(self.divergence)
@@ -123,13 +130,15 @@ def init_ppow_state(trainable, optimizer: optax.GradientTransformation, rng: Arr
 
 
 def token_loss(drafter: Drafter, cfg: BaselineConfig, draft_params, target_params,
-               tokens_BxT: Array, loss_mask_BxT: Array, tpass: teacher_forcing.TargetPass
-               ) -> tuple[Array, dict]:
-  """EAGLE-3 TTT loss (S unrolled steps, weights decay**i), or plain TF for an LM drafter."""
+               tokens_BxT: Array, loss_mask_BxT: Array, tpass: teacher_forcing.TargetPass,
+               segments_BxT: Optional[Array] = None) -> tuple[Array, dict]:
+  """EAGLE-3 TTT loss (S unrolled steps, weights decay**i), or plain TF for an LM drafter
+  (``segments_BxT``: the EAGLE-3 unroll attends within documents)."""
   next_BxT = teacher_forcing.next_token_mask(loss_mask_BxT)
-  if isinstance(drafter, Eagle3FeatureDrafter) and cfg.ttt_steps > 1:
+  if isinstance(drafter, Eagle3FeatureDrafter) and (cfg.ttt_steps > 1 or
+                                                    segments_BxT is not None):
     logits_SxBxTxV, valid_SxT = teacher_forcing.eagle3_ttt_logits(
-        drafter, draft_params, target_params, tokens_BxT, tpass, cfg.ttt_steps)
+        drafter, draft_params, target_params, tokens_BxT, tpass, cfg.ttt_steps, segments_BxT)
     logq = jax.nn.log_softmax(logits_SxBxTxV, axis=-1)
     logp = jnp.broadcast_to(tpass.logp_BxTxV, logq.shape)
     mask = valid_SxT[:, None, :] & next_BxT[None]
@@ -172,7 +181,8 @@ def _baseline_step(target_cfg, drafter, cfg: BaselineConfig, optimizer, updates_
 
     def loss_fn(trainable):
       params = join_params(drafter, trainable, constants)
-      return token_loss(drafter, cfg, params, target_params, tokens, mask, tpass)
+      return token_loss(drafter, cfg, params, target_params, tokens, mask, tpass,
+                        cfg.row_segments(batch))
 
     def update(st, _):
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
@@ -288,7 +298,8 @@ def make_ppow_step(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: rollout
       params = join_params(drafter, trainable, constants)
       ttt = None
       if cfg.anchor_ttt_weight > 0:
-        ttt = token_loss(drafter, baseline_cfg, params, target_params, tokens, mask, tpass_b)[0]
+        ttt = token_loss(drafter, baseline_cfg, params, target_params, tokens, mask, tpass_b,
+                         baseline_cfg.row_segments(batch))[0]
       return ppow_window_loss(drafter, cfg, params, target_params, tokens_R, tpass_r, ro, ttt)
 
     def epoch(st, _):

@@ -233,6 +233,25 @@ class FeatureCacheTest(absltest.TestCase):
         loss(_baseline(ttt_steps=2, feature_noise=0.0), dict(batch, feats_BxTx3E=by_hand)),
         noisy, rtol=1e-5)
 
+  def test_document_mask_reads_the_batch_segment_ids(self):
+    tparams, drafter, vocab, net, tokens, mask = _setup()
+    feats = feature_cache.target_features(TARGET, tparams, tokens, drafter.target_hidden_layers)
+    one = np.ones_like(tokens)
+    cache = {"tokens": tokens, "loss_mask": mask, "segments": np.where(np.arange(T) < 5, 1, 2)
+             * one, **{k: np.asarray(v) for k, v in feats.items()}}
+    batch = next(feature_cache.CachedIterator(cache, B, 0))  # all rows, in order
+    np.testing.assert_array_equal(batch["segment_ids_BxT"], cache["segments"])
+    consts = feature_training.constants(drafter, vocab, tparams)
+    loss = lambda cfg, b: float(jax.jit(lambda n: feature_training.feature_loss(
+        drafter, cfg, n, consts, tparams, b, False))(net)[0])
+    for steps in (1, 3):
+      across = loss(_baseline(ttt_steps=steps, document_mask=False), batch)
+      within = loss(_baseline(ttt_steps=steps, document_mask=True), batch)
+      one_doc = loss(_baseline(ttt_steps=steps, document_mask=True),
+                     dict(batch, segment_ids_BxT=one))
+      self.assertAlmostEqual(one_doc, across, places=5)  # one document: nothing to mask
+      self.assertGreater(abs(within - across), 1e-4)
+
   def test_document_context_gives_each_token_its_whole_document_pass(self):
     docs = [f"item {k}: " + "alpha beta gamma delta " * k for k in (3, 6, 2, 5)]
     tok = tokenizer_lib.train_bpe(docs, 300)

@@ -135,6 +135,8 @@ class CacheTest(absltest.TestCase):
     h, kv, d, e = CFG.num_heads, CFG.num_kv_heads, CFG.resolved_head_dim, CFG.hidden_size
     self.assertEqual(attn["qkv_proj"].shape, (e, (h + 2 * kv) * d))
     self.assertEqual(mlp["gate_up_proj"].shape, (e, 2 * CFG.intermediate_size))
+    self.assertNotIn("down_proj", mlp)
+    self.assertEqual(mlp["down_proj_t"].shape, (e, CFG.intermediate_size))
     self.assertIn("q_bias", attn)  # biases and norms are left as they are
     full = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(fused, self.tokens)
     np.testing.assert_allclose(np.asarray(full), np.asarray(self.full), rtol=1e-5, atol=1e-5)

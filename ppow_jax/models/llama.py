@@ -316,7 +316,6 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dt = to_dtype(cfg.dtype)
     e, m = cfg.hidden_size, cfg.intermediate_size
-    down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
     x = x_BxTxE.astype(dt)
     if self.has_variable("params", "gate_up_proj"):  # fuse_projections' layout
       gu_BxTx2M = _matmul(x, self.get_variable("params", "gate_up_proj").astype(dt))
@@ -327,6 +326,12 @@ class Mlp(nn.Module):
       gate_BxTxM, up_BxTxM = _matmul(x, gate.astype(dt)), _matmul(x, up.astype(dt))
     h_BxTxM = jax.nn.silu(gate_BxTxM) * up_BxTxM
     h_BxTxM = nn.with_logical_constraint(h_BxTxM, ("batch", "length", "mlp"))
+    if self.has_variable("params", "down_proj_t"):  # fuse_projections' layout: [E, M]
+      down_ExM = self.get_variable("params", "down_proj_t").astype(dt)
+      b, t = h_BxTxM.shape[:2]
+      out = jax.lax.dot_general(h_BxTxM.reshape(b * t, m), down_ExM, (((1,), (1,)), ((), ())))
+      return out.reshape(b, t, e)
+    down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
     return _matmul(h_BxTxM, down.astype(dt))
 
 
@@ -424,10 +429,13 @@ def init_params(cfg: ModelConfig, rng: Array) -> dict:
 def fuse_projections(params: dict) -> dict:
   """The same weights for decoding with fewer, larger matmuls: in every attention block
   ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj`` ``[E, (H + 2 KV) * D]`` and in every
-  MLP ``gate_proj``/``up_proj`` one ``gate_up_proj`` ``[E, 2 M]`` (columns in that order). The
-  modules read either layout; a batch-1 decode step streams every weight once, and on a CPU
-  fewer matmul calls stream them faster. Concatenates once, outside any jitted step: meant for
-  unsharded inference copies of the weights (training keeps the separate layout)."""
+  MLP ``gate_proj``/``up_proj`` one ``gate_up_proj`` ``[E, 2 M]`` (columns in that order), and
+  ``down_proj`` is stored transposed as ``down_proj_t`` ``[E, M]`` (each output a dot product
+  of one contiguous row: XLA's CPU matrix-vector product streams ``[M, E]`` with M >> E
+  slowly; BENCHMARKS.md). The modules read either layout; a batch-1 decode step streams
+  every weight once, and on a CPU fewer matmul calls stream them faster. Concatenates once,
+  outside any jitted step: meant for unsharded inference copies of the weights (training
+  keeps the separate layout)."""
   def walk(node):
     if not isinstance(node, dict):
       return node
@@ -437,6 +445,8 @@ def fuse_projections(params: dict) -> dict:
       out["qkv_proj"] = jnp.concatenate([w.reshape(w.shape[0], -1) for w in (q, k, v)], axis=1)
     if "gate_proj" in out and "up_proj" in out:
       out["gate_up_proj"] = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
+    if "down_proj" in out and "gate_up_proj" in out:
+      out["down_proj_t"] = jnp.transpose(out.pop("down_proj"))
     return out
   return walk(params)
 
