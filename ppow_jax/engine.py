@@ -354,14 +354,15 @@ class Engine:
 def decoding_params(params):
   """``params`` with fused projections (``llama.fuse_projections``) when every array is a host
   array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a 2-core
-  CPU (BENCHMARKS.md). Sharded params come back as they are, their sharding rules naming the
-  separate projections."""
+  CPU (BENCHMARKS.md), placed on the device (host arrays would be copied in at every call).
+  Sharded params come back as they are, their sharding rules naming the separate
+  projections."""
   leaves = jax.tree_util.tree_leaves(params)
   local = lambda x: isinstance(x, np.ndarray) or (isinstance(x, jax.Array)
                                                   and len(x.sharding.device_set) == 1)
   if params is None or not all(local(x) for x in leaves):
     return params
-  return llama.fuse_projections(params)
+  return jax.device_put(llama.fuse_projections(params))
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 16,

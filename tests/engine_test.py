@@ -137,7 +137,10 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
   def test_decoding_params_fuse_local_weights_and_leave_sharded_ones(self):
     host = jax.tree_util.tree_map(np.asarray, self.tp)
     for params in (self.tp, host):
-      self.assertIn("qkv_proj", engine.decoding_params(params)["layers_0"]["self_attn"])
+      out = engine.decoding_params(params)
+      self.assertIn("qkv_proj", out["layers_0"]["self_attn"])
+      # every leaf on the device, the unfused ones too (no host copy at every call)
+      self.assertTrue(all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)))
     self.assertIsNone(engine.decoding_params(None))
     if len(jax.devices()) < 2:
       self.skipTest("needs 2 devices (the suite fakes 8)")
