@@ -60,10 +60,9 @@ def feature_loss(drafter: Eagle3FeatureDrafter, cfg: train_step.BaselineConfig, 
   if cfg.feature_noise > 0:
     feats = augment_features(feats, noise_key, cfg.feature_noise)
   embeds = drafter._embed(target_params, tokens[:, 1:])
-  segments_BxT = cfg.row_segments(batch)
   logits_SxBxTxVd, valid_SxT, out_SxBxTxE = teacher_forcing.eagle3_ttt_draft_logits(
       drafter, net, embeds, feats, cfg.ttt_steps,
-      None if segments_BxT is None else segments_BxT[:, :-1])
+      teacher_forcing.entry_segments(cfg.row_segments(batch)))
   tl_BxTxVd = batch["final_BxTxE"].astype(jnp.float32) @ consts["head_ExVd"]
   next_BxT = teacher_forcing.next_token_mask(batch["loss_mask_BxT"])
   if support_only:

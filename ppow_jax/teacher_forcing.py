@@ -138,6 +138,12 @@ def document_mask(segments_BxT1: Array, steps: int, step: int) -> Array:
   return jnp.concatenate([same_BxT1xT1, later], axis=-1)
 
 
+def entry_segments(segments_BxT: Optional[Array]) -> Optional[Array]:
+  """The document of each TTT entry (entry j reads the feature of position j): the row's
+  segment ids without the last position; None (attention across the row) stays None."""
+  return None if segments_BxT is None else segments_BxT[:, :-1]
+
+
 def eagle3_ttt_draft_unroll(drafter: Eagle3FeatureDrafter, net, embeds_BxT1xE: Array,
                             feats: tuple, steps: int, segments_BxT1: Optional[Array] = None):
   """Yields ``(logits_BxTxVd, valid_T, out_BxTxE)`` for each step of the TTT unroll, in the
@@ -187,9 +193,8 @@ def eagle3_ttt_unroll(drafter: Eagle3FeatureDrafter, draft_params, target_params
   """Yields ``(logits_BxTxV, valid_T)`` of the TTT unroll in the target vocabulary
   (``segments_BxT``: attention within documents, as in ``eagle3_ttt_draft_unroll``)."""
   embeds, feats = _eagle_inputs(drafter, target_params, tokens_BxT, tpass.hidden)
-  segments = None if segments_BxT is None else segments_BxT[:, :-1]
   for logits, valid, _ in eagle3_ttt_draft_unroll(drafter, draft_params["net"], embeds, feats,
-                                                  steps, segments):
+                                                  steps, entry_segments(segments_BxT)):
     yield draft_params["vocab"].target_logits(logits, drafter.cfg.vocab_size), valid
 
 
