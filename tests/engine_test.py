@@ -138,7 +138,7 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     host = jax.tree_util.tree_map(np.asarray, self.tp)
     for params in (self.tp, host):
       out = engine.decoding_params(params)
-      self.assertIn("qkv_proj", out["layers_0"]["self_attn"])
+      self.assertIn("qkv_proj_t", out["layers_0"]["self_attn"])
       # every leaf on the device, the unfused ones too (no host copy at every call)
       self.assertTrue(all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)))
     self.assertIsNone(engine.decoding_params(None))

@@ -1,5 +1,6 @@
 """The decoder: KV-cache path = full forward (ragged rows, chunks of 1 and K+1), masks, dtypes."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppow_jax import cpu_gemv
 from ppow_jax.models import llama
 
 CFG = llama.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3,
@@ -133,9 +135,11 @@ class CacheTest(absltest.TestCase):
     self.assertNotIn("q_proj", attn)
     self.assertNotIn("gate_proj", mlp)
     h, kv, d, e = CFG.num_heads, CFG.num_kv_heads, CFG.resolved_head_dim, CFG.hidden_size
-    self.assertEqual(attn["qkv_proj"].shape, (e, (h + 2 * kv) * d))
-    self.assertEqual(mlp["gate_up_proj"].shape, (e, 2 * CFG.intermediate_size))
+    self.assertEqual(attn["qkv_proj_t"].shape, ((h + 2 * kv) * d, e))
+    self.assertEqual(attn["o_proj_t"].shape, (e, h * d))
+    self.assertEqual(mlp["gate_up_proj_t"].shape, (2 * CFG.intermediate_size, e))
     self.assertNotIn("down_proj", mlp)
+    self.assertNotIn("o_proj", attn)
     self.assertEqual(mlp["down_proj_t"].shape, (e, CFG.intermediate_size))
     self.assertIn("q_bias", attn)  # biases and norms are left as they are
     full = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(fused, self.tokens)
@@ -147,11 +151,33 @@ class CacheTest(absltest.TestCase):
                                rtol=1e-5, atol=1e-5)
     # the column order matters: k and v (same shape) swapped is a different model
     bad = jax.tree_util.tree_map(lambda x: x, fused)
-    qkv = bad["layers_1"]["self_attn"]["qkv_proj"]
-    q, k, v = qkv[:, :h * d], qkv[:, h * d:(h + kv) * d], qkv[:, (h + kv) * d:]
-    bad["layers_1"]["self_attn"]["qkv_proj"] = jnp.concatenate([q, v, k], 1)
+    qkv = bad["layers_1"]["self_attn"]["qkv_proj_t"]
+    q, k, v = qkv[:h * d], qkv[h * d:(h + kv) * d], qkv[(h + kv) * d:]
+    bad["layers_1"]["self_attn"]["qkv_proj_t"] = jnp.concatenate([q, v, k], 0)
     wrong = jax.jit(lambda p, t: llama.Decoder(CFG).apply({"params": p}, t))(bad, self.tokens)
     self.assertGreater(float(jnp.abs(wrong - self.full).max()), 1e-2)
+
+  def test_fused_one_token_steps_take_the_cpu_kernel_and_match(self):
+    # 2 rows x 1 token: the few-row products (cpu_gemv) of a decode step, against the
+    # separate-projection model on XLA's dots; untied and tied (the [V, E] table as the head)
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    for cfg, params in ((CFG, self.params), (tied, llama.init_params(tied, jax.random.PRNGKey(3)))):
+      with self.subTest(tie_embeddings=cfg.tie_embeddings):
+        fused = llama.fuse_projections(params)
+        fwd = _forward(cfg)
+        prefix, step = self.tokens[:, :12], self.tokens[:, 12:13]
+        full = jax.jit(lambda p, t: llama.Decoder(cfg).apply({"params": p}, t))(params,
+                                                                                self.tokens)
+        caches = [fwd(p, prefix, llama.init_cache(cfg, 2, 24)).cache for p in (params, fused)]
+        want, got = (fwd(p, step, c).logits_BxTxV for p, c in zip((params, fused), caches))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(full[:, 12]), rtol=1e-4,
+                                   atol=1e-4)
+        if cpu_gemv.applies(2, jnp.float32, jnp.float32):
+          hlo = fwd.lower(fused, step, caches[1]).compile().as_text()
+          # per layer q/k/v, o, gate/up and down; and the head when it is the embedding table
+          self.assertEqual(hlo.count(f'custom_call_target="{cpu_gemv._TARGET}"'),
+                           4 * cfg.num_layers + int(cfg.tie_embeddings))
 
   def test_config_errors_name_the_field(self):
     with self.assertRaisesRegex(ValueError, "num_heads=6 is not a multiple of num_kv_heads=4"):

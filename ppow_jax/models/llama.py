@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppow_jax import cpu_gemv
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -234,6 +236,14 @@ def _matmul(x_BxTxE: Array, w_ExN: Array, preferred_element_type=None) -> Array:
   return y.reshape(b, t, w_ExN.shape[1])
 
 
+def _matmul_t(x_BxTxE: Array, w_NxE: Array, preferred_element_type=None) -> Array:
+  """``[B, T, E] @ [N, E]^T``: weights stored output-major (``fuse_projections``' layout and
+  a tied embedding table); few-row products on a CPU take ``cpu_gemv``'s kernel."""
+  b, t, e = x_BxTxE.shape
+  y = cpu_gemv.matmul_t(x_BxTxE.reshape(b * t, e), w_NxE, preferred_element_type)
+  return y.reshape(b, t, w_NxE.shape[0])
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   in_features: int = 0  # 0: hidden_size (the EAGLE-3 midlayer reads 2 * hidden_size)
@@ -245,11 +255,11 @@ class Attention(nn.Module):
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     e_in = self.in_features or cfg.hidden_size
     dt = to_dtype(cfg.dtype)
-    wo = _param(self, "o_proj", (h, d, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg)
     x = x_BxTxE.astype(dt)
     b, t = x.shape[:2]
-    if self.has_variable("params", "qkv_proj"):  # fuse_projections' layout: one matmul
-      qkv_BxTxN = _matmul(x, self.get_variable("params", "qkv_proj").astype(dt))
+    fused = self.has_variable("params", "qkv_proj_t")  # fuse_projections' layout
+    if fused:  # one matmul for q, k and v
+      qkv_BxTxN = _matmul_t(x, self.get_variable("params", "qkv_proj_t").astype(dt))
       q_BxTxHxD = qkv_BxTxN[..., :h * d].reshape(b, t, h, d)
       k_BxTxKxD = qkv_BxTxN[..., h * d:(h + kv) * d].reshape(b, t, kv, d)
       v_BxTxKxD = qkv_BxTxN[..., (h + kv) * d:].reshape(b, t, kv, d)
@@ -304,7 +314,11 @@ class Attention(nn.Module):
     out_BKxGTxD = jnp.einsum("nms,nsd->nmd", probs, v_BKxSxD)
     out_BxTxHD = out_BKxGTxD.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
         b, t, h * d)
-    out_BxTxE = _matmul(out_BxTxHD, wo.astype(dt).reshape(h * d, cfg.hidden_size))
+    if fused:
+      out_BxTxE = _matmul_t(out_BxTxHD, self.get_variable("params", "o_proj_t").astype(dt))
+    else:
+      wo = _param(self, "o_proj", (h, d, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg)
+      out_BxTxE = _matmul(out_BxTxHD, wo.astype(dt).reshape(h * d, cfg.hidden_size))
     return nn.with_logical_constraint(out_BxTxE, ("batch", "length", "embed")), new_cache
 
 
@@ -317,8 +331,9 @@ class Mlp(nn.Module):
     dt = to_dtype(cfg.dtype)
     e, m = cfg.hidden_size, cfg.intermediate_size
     x = x_BxTxE.astype(dt)
-    if self.has_variable("params", "gate_up_proj"):  # fuse_projections' layout
-      gu_BxTx2M = _matmul(x, self.get_variable("params", "gate_up_proj").astype(dt))
+    fused = self.has_variable("params", "gate_up_proj_t")  # fuse_projections' layout
+    if fused:
+      gu_BxTx2M = _matmul_t(x, self.get_variable("params", "gate_up_proj_t").astype(dt))
       gate_BxTxM, up_BxTxM = gu_BxTx2M[..., :m], gu_BxTx2M[..., m:]
     else:
       gate = _param(self, "gate_proj", (e, m), ("embed", "mlp"), cfg)
@@ -326,11 +341,8 @@ class Mlp(nn.Module):
       gate_BxTxM, up_BxTxM = _matmul(x, gate.astype(dt)), _matmul(x, up.astype(dt))
     h_BxTxM = jax.nn.silu(gate_BxTxM) * up_BxTxM
     h_BxTxM = nn.with_logical_constraint(h_BxTxM, ("batch", "length", "mlp"))
-    if self.has_variable("params", "down_proj_t"):  # fuse_projections' layout: [E, M]
-      down_ExM = self.get_variable("params", "down_proj_t").astype(dt)
-      b, t = h_BxTxM.shape[:2]
-      out = jax.lax.dot_general(h_BxTxM.reshape(b * t, m), down_ExM, (((1,), (1,)), ((), ())))
-      return out.reshape(b, t, e)
+    if fused:
+      return _matmul_t(h_BxTxM, self.get_variable("params", "down_proj_t").astype(dt))
     down = _param(self, "down_proj", (m, e), ("mlp", "embed"), cfg)
     return _matmul(h_BxTxM, down.astype(dt))
 
@@ -375,13 +387,22 @@ class Decoder(nn.Module):
     x = jnp.take(table_VxE, tokens_BxT, axis=0).astype(to_dtype(self.cfg.dtype))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+  def _fused(self) -> bool:
+    """Whether these are ``fuse_projections``' unsharded decoding weights (the tied head then
+    takes ``cpu_gemv`` too; sharded training weights keep XLA's dot)."""
+    layer = self.variables.get("params", {}).get("layers_0", {})
+    return "qkv_proj_t" in layer.get("self_attn", {})
+
   def logits_from_hidden(self, x_BxTxE: Array) -> Array:
     """Final norm and LM head; logits in float32."""
     dt = to_dtype(self.cfg.dtype)
     x = self.norm(x_BxTxE).astype(dt)
-    w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
     # accumulate in float32 without materialising a float32 copy of a large bf16 head
-    logits = _matmul(x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
+    if self.cfg.tie_embeddings and self._fused():  # the [V, E] table is output-major already
+      logits = _matmul_t(x, self.embed_tokens.astype(dt), preferred_element_type=jnp.float32)
+    else:
+      w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
+      logits = _matmul(x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def forward(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
@@ -427,25 +448,28 @@ def init_params(cfg: ModelConfig, rng: Array) -> dict:
 
 
 def fuse_projections(params: dict) -> dict:
-  """The same weights for decoding with fewer, larger matmuls: in every attention block
-  ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj`` ``[E, (H + 2 KV) * D]`` and in every
-  MLP ``gate_proj``/``up_proj`` one ``gate_up_proj`` ``[E, 2 M]`` (columns in that order), and
-  ``down_proj`` is stored transposed as ``down_proj_t`` ``[E, M]`` (each output a dot product
-  of one contiguous row: XLA's CPU matrix-vector product streams ``[M, E]`` with M >> E
-  slowly; BENCHMARKS.md). The modules read either layout; a batch-1 decode step streams
-  every weight once, and on a CPU fewer matmul calls stream them faster. Concatenates once,
-  outside any jitted step: meant for unsharded inference copies of the weights (training
-  keeps the separate layout)."""
+  """The same weights for decoding with fewer, larger matmuls, stored output-major (``[out,
+  in]``, each output a dot product of one contiguous row, as ``cpu_gemv``'s kernel reads
+  them): in every attention block ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj_t``
+  ``[(H + 2 KV) * D, E]`` and ``o_proj`` becomes ``o_proj_t`` ``[E, H * D]``; in every MLP
+  ``gate_proj``/``up_proj`` become one ``gate_up_proj_t`` ``[2 M, E]`` (rows in that order)
+  and ``down_proj`` becomes ``down_proj_t`` ``[E, M]``. The modules read either layout; a
+  batch-1 decode step streams every weight once, and on a CPU fewer, contiguous products
+  stream them faster (BENCHMARKS.md). Concatenates once, outside any jitted step: meant for
+  unsharded inference copies of the weights (training keeps the separate layout)."""
   def walk(node):
     if not isinstance(node, dict):
       return node
     out = {k: walk(v) for k, v in node.items()}
-    if all(k in out for k in ("q_proj", "k_proj", "v_proj")):
+    if all(k in out for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
       q, k, v = (out.pop(n) for n in ("q_proj", "k_proj", "v_proj"))
-      out["qkv_proj"] = jnp.concatenate([w.reshape(w.shape[0], -1) for w in (q, k, v)], axis=1)
-    if "gate_proj" in out and "up_proj" in out:
-      out["gate_up_proj"] = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
-    if "down_proj" in out and "gate_up_proj" in out:
+      qkv = jnp.concatenate([w.reshape(w.shape[0], -1) for w in (q, k, v)], axis=1)
+      out["qkv_proj_t"] = jnp.transpose(qkv)
+      o = out.pop("o_proj")
+      out["o_proj_t"] = jnp.transpose(o.reshape(-1, o.shape[-1]))
+    if all(k in out for k in ("gate_proj", "up_proj", "down_proj")):
+      gate_up = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
+      out["gate_up_proj_t"] = jnp.transpose(gate_up)
       out["down_proj_t"] = jnp.transpose(out.pop("down_proj"))
     return out
   return walk(params)
