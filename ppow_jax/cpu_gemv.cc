@@ -116,110 +116,47 @@ void Columns(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-// One helper thread per extra core. Each owns its job slot: the caller writes the slot only
-// while the helper is idle, then bumps `posted`; the helper runs it and stores `done`.
-// Helpers spin for a millisecond after a job (the next matrix product of the step follows
-// within microseconds), then sleep on a condition variable.
-class Helper {
- public:
-  Helper() : thread_([this] { Loop(); }) { thread_.detach(); }
+// One product split into `parts` equal row ranges. The caller and the tasks it schedules on
+// XLA's intra-op thread pool claim parts from `next` until none is left, so the caller never
+// waits on a task that has not started (a busy pool only makes the caller do more parts); a
+// task that starts late finds nothing to do. Shared ownership keeps the job alive for it.
+struct Job {
+  Problem p;
+  int64_t per, parts;
+  std::atomic<int64_t> next{0}, done{0};
 
-  void Post(const Problem* problem, int64_t r0, int64_t r1) {
-    problem_ = problem;
-    r0_ = r0;
-    r1_ = r1;
-    const uint64_t job = posted_.load(std::memory_order_relaxed) + 1;
-    posted_.store(job, std::memory_order_seq_cst);
-    if (sleeping_.load(std::memory_order_seq_cst)) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      wake_.notify_one();
+  void RunParts() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
+      Columns(p, i * per, std::min(p.n, (i + 1) * per));
+      done.fetch_add(1, std::memory_order_release);
     }
   }
-
-  void Wait() const {
-    const uint64_t job = posted_.load(std::memory_order_relaxed);
-    while (done_.load(std::memory_order_acquire) != job) CpuRelax();
-  }
-
- private:
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
-      uint64_t job;
-      for (int i = 0; (job = posted_.load(std::memory_order_acquire)) == seen; ++i) {
-        CpuRelax();
-        if ((i & 1023) == 1023 && std::chrono::steady_clock::now() > spin_until) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          sleeping_.store(true, std::memory_order_seq_cst);
-          wake_.wait(lock, [&] { return posted_.load(std::memory_order_seq_cst) != seen; });
-          sleeping_.store(false, std::memory_order_relaxed);
-        }
-      }
-      seen = job;
-      Columns(*problem_, r0_, r1_);
-      done_.store(job, std::memory_order_release);
-    }
-  }
-
-  const Problem* problem_ = nullptr;
-  int64_t r0_ = 0, r1_ = 0;
-  std::atomic<uint64_t> posted_{0}, done_{0};
-  std::atomic<bool> sleeping_{false};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::thread thread_;
 };
 
-// Cores this process may run on (its affinity mask: taskset, cgroup cpusets), else all.
-unsigned UsableCores() {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-#endif
-  return std::thread::hardware_concurrency();
+void Run(const Problem& p, ffi::ThreadPool& pool) {
+  const int64_t min_rows = 64;  // below this a hand-off costs more than it saves
+  int64_t parts = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p.n / min_rows);
+  if (parts <= 1) {
+    Columns(p, 0, p.n);
+    return;
+  }
+  // equal parts, each a multiple of 4 rows (the kernel's widest row block)
+  const int64_t per = ((p.n + parts - 1) / parts + 3) / 4 * 4;
+  auto job = std::make_shared<Job>();
+  job->p = p;
+  job->per = per;
+  job->parts = (p.n + per - 1) / per;
+  for (int64_t i = 1; i < job->parts; ++i) pool.Schedule([job] { job->RunParts(); });
+  job->RunParts();
+  while (job->done.load(std::memory_order_acquire) < job->parts) CpuRelax();
 }
 
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool();  // never destroyed: helpers are detached
-    return *pool;
-  }
-
-  void Run(const Problem& p) {
-    const int64_t min_rows = 64;  // below this a helper's hand-off costs more than it saves
-    int64_t parts = std::min<int64_t>(1 + helpers_.size(), p.n / min_rows);
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (parts <= 1 || !busy.owns_lock()) {  // small, or another call holds the helpers
-      Columns(p, 0, p.n);
-      return;
-    }
-    // equal parts, each a multiple of 4 rows (the kernel's widest row block)
-    const int64_t per = ((p.n + parts - 1) / parts + 3) / 4 * 4;
-    parts = (p.n + per - 1) / per;
-    for (int64_t i = 1; i < parts; ++i)
-      helpers_[i - 1]->Post(&p, i * per, std::min(p.n, (i + 1) * per));
-    Columns(p, 0, std::min(p.n, per));
-    for (int64_t i = 1; i < parts; ++i) helpers_[i - 1]->Wait();
-  }
-
- private:
-  Pool() {
-    const unsigned cores = std::max(1u, std::min(8u, UsableCores()));
-    for (unsigned i = 1; i < cores; ++i) helpers_.emplace_back(new Helper());
-  }
-
-  std::vector<std::unique_ptr<Helper>> helpers_;
-  std::mutex busy_;
-};
-
-ffi::Error MatmulT(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_gemv: want x[M, E] and w[N, E]");
-  Pool::Get().Run(Problem{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]});
+  Run(Problem{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]}, pool);
   return ffi::Error::Success();
 }
 
@@ -227,6 +164,7 @@ ffi::Error MatmulT(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PpowCpuMatmulTF32, MatmulT,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,10 +1,13 @@
 """Few-row matrix products on the CPU by a small C++ kernel (``cpu_gemv.cc``).
 
-A batch-1 decode step is a chain of matrix-vector products whose cost is the time to stream
-the weights from memory; XLA's CPU dot runs these well below the bandwidth that llama.cpp's
-hand-written kernels reach (BENCHMARKS.md). ``matmul_t(x_MxE, w_NxE)`` computes
-``x @ w.T`` with that kernel when it applies (CPU, float32, at most ``MAX_ROWS`` rows) and
-with XLA's dot otherwise, so the same jitted code runs unchanged on accelerators.
+A decode step's matrix products have few rows (batch x new tokens): AR steps, drafting, and
+the K + 1 tokens of a verification. XLA's CPU dot streams the weights of a one-row product at
+about the memory bandwidth, but for 2-16 rows at about half the rate of this kernel, which
+reads each weight row once for all rows (``python -m ppow_jax.bench.matmul``, BENCHMARKS.md).
+``matmul_t(x_MxE, w_NxE)`` computes ``x @ w.T`` with the kernel when it applies (CPU,
+float32, ``MIN_ROWS <= M <= MAX_ROWS``) and with XLA's dot otherwise, so the same jitted code
+runs unchanged on accelerators. The kernel splits the weight rows over XLA's intra-op thread
+pool.
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``-O3 -march=native``) into ``<cache root>/kernels`` (``$PPOW_JAX_CACHE``, else
@@ -12,15 +15,16 @@ The kernel is compiled on first use with the system C++ compiler (``$CXX``, else
 used (a warning says why, once).
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
-import sys
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import jaxlib
@@ -29,7 +33,10 @@ from absl import logging
 
 from ppow_jax.models.gguf_convert import cache_root
 
-MAX_ROWS = 8  # above this XLA's dot is as fast (BENCHMARKS.md)
+# The rows the kernel takes (BENCHMARKS.md): one row XLA streams as fast; from ~24 rows of
+# SmolLM2's shapes on, XLA's matrix-matrix product is as fast.
+MIN_ROWS = 2
+MAX_ROWS = 16
 DISABLE_ENV = "PPOW_JAX_CPU_GEMV"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
 _TARGET = "ppow_cpu_matmul_t_f32"
@@ -39,6 +46,19 @@ _SYMBOL = "PpowCpuMatmulTF32"
 def _flags() -> list[str]:
   return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
           "-I", jax.ffi.include_dir()]
+
+
+def _cpu_id() -> str:
+  """The instruction sets ``-march=native`` compiles for (a cache shared by different machines,
+  e.g. an NFS home on a cluster, keeps one library per kind of CPU)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.split(":")[0].strip() in ("flags", "Features"):
+          return line
+  except OSError:
+    pass
+  return platform.machine() + platform.processor()
 
 
 def build(out_dir: Optional[str] = None) -> str:
@@ -52,7 +72,7 @@ def build(out_dir: Optional[str] = None) -> str:
     source = f.read()
   key = hashlib.sha256(b"\0".join(
       [source, cxx.encode(), " ".join(_flags()).encode(), jax.ffi.include_dir().encode(),
-       jaxlib.__version__.encode()])
+       jaxlib.__version__.encode(), _cpu_id().encode()])
   ).hexdigest()[:16]
   out_dir = out_dir or os.path.join(cache_root(), "kernels")
   path = os.path.join(out_dir, f"cpu_gemv-{key}.so")
@@ -84,15 +104,32 @@ def _registered() -> bool:
                                 platform="cpu")
   except (RuntimeError, OSError) as e:
     logging.warning("cpu_gemv: the C++ kernel is unavailable (%s); using XLA's dot", e)
-    print(f"cpu_gemv: using XLA's dot ({e})", file=sys.stderr)
     return False
   return True
 
 
+def available() -> bool:
+  """Whether the kernel is built and registered (once per process; see the module docstring)."""
+  return _registered()
+
+
 def applies(rows: int, x_dtype, w_dtype) -> bool:
   """Whether ``matmul_t`` takes the kernel on a CPU for this many rows and these dtypes."""
-  return (rows <= MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32
-          and jnp.dtype(w_dtype) == jnp.float32 and _registered())
+  return (MIN_ROWS <= rows <= MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32
+          and jnp.dtype(w_dtype) == jnp.float32 and available())
+
+
+@contextlib.contextmanager
+def rows_range(low: int, high: int) -> Iterator[None]:
+  """Within: the kernel takes ``low <= M <= high`` rows (``high < low``: never). The choice
+  is made when tracing, so a function traced here keeps it (benchmarks and tests)."""
+  global MIN_ROWS, MAX_ROWS
+  saved = MIN_ROWS, MAX_ROWS
+  MIN_ROWS, MAX_ROWS = low, high
+  try:
+    yield
+  finally:
+    MIN_ROWS, MAX_ROWS = saved
 
 
 def _xla_t(x_MxE: jax.Array, w_NxE: jax.Array, preferred_element_type=None) -> jax.Array:

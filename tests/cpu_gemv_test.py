@@ -28,29 +28,38 @@ def _reference_t(x_MxE: np.ndarray, w_NxE: np.ndarray) -> np.ndarray:
 class KernelTest(absltest.TestCase):
 
   def test_builds_and_applies_to_few_float32_rows_only(self):
-    self.assertTrue(cpu_gemv.applies(1, jnp.float32, jnp.float32))
+    self.assertTrue(cpu_gemv.available())
+    self.assertFalse(cpu_gemv.applies(1, jnp.float32, jnp.float32))  # XLA streams one row
+    self.assertTrue(cpu_gemv.applies(cpu_gemv.MIN_ROWS, jnp.float32, jnp.float32))
     self.assertTrue(cpu_gemv.applies(cpu_gemv.MAX_ROWS, jnp.float32, jnp.float32))
     self.assertFalse(cpu_gemv.applies(cpu_gemv.MAX_ROWS + 1, jnp.float32, jnp.float32))
-    self.assertFalse(cpu_gemv.applies(1, jnp.bfloat16, jnp.float32))
+    self.assertFalse(cpu_gemv.applies(2, jnp.bfloat16, jnp.float32))
 
   def test_matches_numpy_for_every_row_count_and_ragged_shapes(self):
     rng = np.random.default_rng(0)
-    fn = jax.jit(cpu_gemv.matmul_t)
-    # N: single-threaded (< 128), threaded with a ragged tail; E: with and without a vector tail
-    for n, e in ((37, 20), (1000, 64), (389, 577)):
-      w = rng.standard_normal((n, e)).astype(np.float32)
-      for m in range(1, cpu_gemv.MAX_ROWS + 2):
-        with self.subTest(n=n, e=e, m=m):
+    # N: single-threaded (< 128), threaded with a ragged tail; E: with and without a vector
+    # tail; M: every register blocking (1..8) and two passes over the weights (9..17)
+    with cpu_gemv.rows_range(1, 17):
+      fn = jax.jit(lambda x, w: cpu_gemv.matmul_t(x, w))
+      outs = {}
+      for n, e in ((37, 20), (1000, 64), (389, 577)):
+        w = rng.standard_normal((n, e)).astype(np.float32)
+        for m in range(1, 18):
           x = rng.standard_normal((m, e)).astype(np.float32)
-          y = np.asarray(fn(x, w))
-          self.assertEqual(y.shape, (m, n))
-          np.testing.assert_allclose(y, _reference_t(x, w), rtol=1e-4, atol=1e-4 * np.sqrt(e))
+          self.assertIn(cpu_gemv._TARGET, fn.lower(x, w).as_text())
+          outs[n, e, m] = x, w, np.asarray(fn(x, w))
+    for (n, e, m), (x, w, y) in outs.items():
+      with self.subTest(n=n, e=e, m=m):
+        self.assertEqual(y.shape, (m, n))
+        np.testing.assert_allclose(y, _reference_t(x, w), rtol=1e-4, atol=1e-4 * np.sqrt(e))
 
   def test_the_kernel_is_what_jit_runs(self):
     x, w = jnp.ones((2, 16)), jnp.ones((128, 16))
     hlo = jax.jit(cpu_gemv.matmul_t).lower(x, w).compile().as_text()
     self.assertIn(cpu_gemv._TARGET, hlo)
     self.assertNotIn(" dot(", hlo)
+    one = jnp.ones((1, 16))  # one row: XLA's dot
+    self.assertNotIn(cpu_gemv._TARGET, jax.jit(cpu_gemv.matmul_t).lower(one, w).as_text())
     many = jnp.ones((cpu_gemv.MAX_ROWS + 1, 16))
     hlo = jax.jit(cpu_gemv.matmul_t).lower(many, w).compile().as_text()
     self.assertNotIn(cpu_gemv._TARGET, hlo)
@@ -67,12 +76,12 @@ class KernelTest(absltest.TestCase):
       np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
 
   def test_concurrent_callers_get_their_own_results(self):
-    # the helper threads serve one call at a time; a second caller computes on its own thread
+    # calls from several threads share XLA's pool; each product's parts are its own
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.standard_normal((4096, 96)).astype(np.float32))
-    xs = [jnp.asarray(rng.standard_normal((1, 96)).astype(np.float32)) for _ in range(4)]
+    xs = [jnp.asarray(rng.standard_normal((2, 96)).astype(np.float32)) for _ in range(4)]
     fn = jax.jit(lambda x, w: jax.lax.fori_loop(0, 20, lambda i, y: y + cpu_gemv.matmul_t(x, w),
-                                                jnp.zeros((1, 4096))))
+                                                jnp.zeros((2, 4096))))
     want = [20 * _reference_t(np.asarray(x), np.asarray(w)) for x in xs]
     got = [None] * len(xs)
 
@@ -105,7 +114,7 @@ class BuildTest(absltest.TestCase):
   def test_without_the_kernel_matmul_t_is_xlas_dot(self):
     x = np.arange(6, dtype=np.float32).reshape(1, 6)
     w = np.arange(18, dtype=np.float32).reshape(3, 6)
-    with mock.patch.object(cpu_gemv, "MAX_ROWS", 0):
+    with cpu_gemv.rows_range(1, 0):
       hlo = jax.jit(cpu_gemv.matmul_t).lower(x, w).compile().as_text()
       self.assertNotIn(cpu_gemv._TARGET, hlo)
       np.testing.assert_array_equal(np.asarray(jax.jit(cpu_gemv.matmul_t)(x, w)), x @ w.T)
