@@ -165,5 +165,12 @@ def main_for(run: Callable[[list], Any]) -> Callable[[list], None]:
 
 
 def run_main(run: Callable[[list], Any], argv: Optional[list[str]] = None) -> None:
-  """``app.run`` for a tool: config overrides understood, user errors one line (status 2)."""
-  app.run(main_for(run), argv=argv, flags_parser=_parse_flags)
+  """``app.run`` for a tool that takes flags only: config overrides understood, a positional
+  argument or another user error one line (status 2)."""
+
+  def flags_only(args: list[str]) -> Any:
+    if len(args) > 1:
+      raise UserError(f"unexpected arguments: {' '.join(args[1:])}")
+    return run(args)
+
+  app.run(main_for(flags_only), argv=argv, flags_parser=_parse_flags)

@@ -13,7 +13,6 @@ import os
 from absl import flags
 
 from ppow_jax import cli
-from ppow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
@@ -22,9 +21,7 @@ flags.DEFINE_list("retrain", [], "Stages whose checkpoints, export and metrics a
                   "before the run (after changing their settings on purpose).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv_unused):
   config = cli.config_from_flags()  # before JAX: a bad file or key fails in a blink
   from ppow_jax import run, sharding  # JAX starts here
   sharding.maybe_initialize_distributed()

@@ -275,8 +275,6 @@ def study(c, workdir: str, arms: list[str], seeds: list[int], base_dir: str | No
 
 
 def main(argv: list[str]) -> dict:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir:
     raise UserError("--workdir is required (the study's directory)")
   c = cli.config_from_flags()

@@ -51,8 +51,6 @@ def parse_drafters(items: list[str]) -> dict[str, str]:
 
 
 def run(argv: list[str]) -> dict:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   c = cli.config_from_flags()
   named = parse_drafters(FLAGS.drafters)
   if not c.target.hf_dir:

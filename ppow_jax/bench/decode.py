@@ -293,8 +293,6 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
 
 
 def run(argv) -> dict:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     batch_sizes = tuple(int(b) for b in FLAGS.batch_sizes)
   except ValueError:

@@ -392,8 +392,6 @@ def format_table(r: dict) -> str:
 
 
 def run(argv) -> dict:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.pair_dir:
     raise UserError("--pair_dir is required (write one with ppow_jax.bench.decode --save_pair)")
   threads = FLAGS.threads or os.cpu_count()

@@ -68,8 +68,6 @@ def measure(c, workdir: str, repeats: int) -> dict:
 
 
 def run(argv) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.repeats < 1:
     raise UserError(f"--repeats must be >= 1, got {FLAGS.repeats}")
   result = measure(cli.config_from_flags(), FLAGS.workdir, FLAGS.repeats)

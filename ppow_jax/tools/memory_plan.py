@@ -163,8 +163,6 @@ def plan(config, num_devices: int) -> dict:
 
 
 def run(argv) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config_from_flags()
   num_devices = FLAGS.num_devices or jax.device_count()
   if num_devices < 1:
