@@ -93,9 +93,9 @@ def build(out_dir: Optional[str] = None) -> str:
 
 
 @functools.cache
-def _registered() -> bool:
-  """Build, load and register the kernel with XLA once per process; False (and one warning)
-  when that is switched off or fails."""
+def available() -> bool:
+  """Whether the kernel is built, loaded and registered with XLA (done once per process);
+  False, with one warning, when that is switched off or fails."""
   if os.environ.get(DISABLE_ENV, "1") == "0":
     return False
   try:
@@ -106,11 +106,6 @@ def _registered() -> bool:
     logging.warning("cpu_gemv: the C++ kernel is unavailable (%s); using XLA's dot", e)
     return False
   return True
-
-
-def available() -> bool:
-  """Whether the kernel is built and registered (once per process; see the module docstring)."""
-  return _registered()
 
 
 def applies(rows: int, x_dtype, w_dtype) -> bool:
