@@ -1,7 +1,8 @@
 // y[M, N] = x[M, E] . w[N, E]^T in float32 for few rows M: the matrix products of a decode
 // step (M = batch rows x new tokens: drafting, verification, batched AR steps). XLA's CPU dot
 // runs these at about half the rate that streaming the weights allows; this kernel reads
-// each weight row once for all M rows (prefetching the next block of rows), keeps every
+// each weight row from memory once for all M rows (prefetching the next block of rows; past
+// eight rows, a cache-sized tile of weight rows serves every pass of eight), keeps every
 // output's partial sums in vector registers, and splits the weight rows over XLA's intra-op
 // thread pool.
 //
@@ -44,42 +45,40 @@ inline float HorizontalSum(Vec v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// Rows [r0, r1) of w against M rows of x; R weight rows at a time, R * M accumulators.
+// Weight rows [r, r + R) against M rows of x: R * M accumulators in vector registers.
+template <int M, int R>
+inline void Block(const float* x, const float* w, float* y, int64_t e, int64_t n, int64_t r) {
+  const int64_t e_vec = e / kLanes * kLanes;
+  Vec acc[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = Vec{};
+  for (int64_t k = 0; k < e_vec; k += kLanes) {
+    Vec xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = *reinterpret_cast<const Vec*>(x + m * e + k);
+    for (int i = 0; i < R; ++i) {
+      // the next block's rows, one block ahead: deep enough to keep DRAM busy
+      __builtin_prefetch(w + (r + R + i) * e + k, 0, 3);
+      const Vec wv = *reinterpret_cast<const Vec*>(w + (r + i) * e + k);
+      for (int m = 0; m < M; ++m) acc[i][m] += wv * xv[m];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int m = 0; m < M; ++m) {
+      float s = HorizontalSum(acc[i][m]);
+      for (int64_t k = e_vec; k < e; ++k) s += w[(r + i) * e + k] * x[m * e + k];
+      y[m * n + r + i] = s;
+    }
+  }
+}
+
+// Rows [r0, r1) of w against M rows of x, R rows at a time, then one at a time.
 template <int M>
 void RowRange(const float* x, const float* w, float* y, int64_t e, int64_t n, int64_t r0,
               int64_t r1) {
   constexpr int R = 24 / M > 4 ? 4 : 24 / M;  // R * M + M + 1 <= 32 vector registers
-  const int64_t e_vec = e / kLanes * kLanes;
   int64_t r = r0;
-  for (; r + R <= r1; r += R) {
-    Vec acc[R][M];
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) acc[i][m] = Vec{};
-    for (int64_t k = 0; k < e_vec; k += kLanes) {
-      Vec xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = *reinterpret_cast<const Vec*>(x + m * e + k);
-      for (int i = 0; i < R; ++i) {
-        // the next block's rows, one block ahead: deep enough to keep DRAM busy
-        __builtin_prefetch(w + (r + R + i) * e + k, 0, 0);
-        const Vec wv = *reinterpret_cast<const Vec*>(w + (r + i) * e + k);
-        for (int m = 0; m < M; ++m) acc[i][m] += wv * xv[m];
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      for (int m = 0; m < M; ++m) {
-        float s = HorizontalSum(acc[i][m]);
-        for (int64_t k = e_vec; k < e; ++k) s += w[(r + i) * e + k] * x[m * e + k];
-        y[m * n + r + i] = s;
-      }
-    }
-  }
-  for (; r < r1; ++r) {
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < e; ++k) s += w[r * e + k] * x[m * e + k];
-      y[m * n + r] = s;
-    }
-  }
+  for (; r + R <= r1; r += R) Block<M, R>(x, w, y, e, n, r);
+  for (; r < r1; ++r) Block<M, 1>(x, w, y, e, n, r);
 }
 
 struct Problem {
@@ -89,20 +88,26 @@ struct Problem {
   int64_t m, e, n;
 };
 
-// Output columns [r0, r1) for every row of x, eight rows of x per pass over the weights.
+// Output columns [r0, r1) for every row of x, eight rows of x per pass over a tile of weight
+// rows small enough to stay in the core's cache (~128 KB) while all the passes read it: the
+// weights come from memory once however many rows x has.
 void Columns(const Problem& p, int64_t r0, int64_t r1) {
-  for (int64_t m0 = 0; m0 < p.m; m0 += 8) {
-    const float* x = p.x + m0 * p.e;
-    float* y = p.y + m0 * p.n;
-    switch (std::min<int64_t>(8, p.m - m0)) {
-      case 1: RowRange<1>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 2: RowRange<2>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 3: RowRange<3>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 4: RowRange<4>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 5: RowRange<5>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 6: RowRange<6>(x, p.w, y, p.e, p.n, r0, r1); break;
-      case 7: RowRange<7>(x, p.w, y, p.e, p.n, r0, r1); break;
-      default: RowRange<8>(x, p.w, y, p.e, p.n, r0, r1); break;
+  const int64_t tile = p.m <= 8 ? r1 - r0 : std::max<int64_t>(12, (32768 / p.e) / 12 * 12);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(r1, t0 + tile);
+    for (int64_t m0 = 0; m0 < p.m; m0 += 8) {
+      const float* x = p.x + m0 * p.e;
+      float* y = p.y + m0 * p.n;
+      switch (std::min<int64_t>(8, p.m - m0)) {
+        case 1: RowRange<1>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 2: RowRange<2>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 3: RowRange<3>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 4: RowRange<4>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 5: RowRange<5>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 6: RowRange<6>(x, p.w, y, p.e, p.n, t0, t1); break;
+        case 7: RowRange<7>(x, p.w, y, p.e, p.n, t0, t1); break;
+        default: RowRange<8>(x, p.w, y, p.e, p.n, t0, t1); break;
+      }
     }
   }
 }

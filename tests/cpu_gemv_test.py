@@ -38,13 +38,14 @@ class KernelTest(absltest.TestCase):
   def test_matches_numpy_for_every_row_count_and_ragged_shapes(self):
     rng = np.random.default_rng(0)
     # N: single-threaded (< 128), threaded with a ragged tail; E: with and without a vector
-    # tail; M: every register blocking (1..8) and two passes over the weights (9..17)
-    with cpu_gemv.rows_range(1, 17):
+    # tail; M: every register blocking (1..8), two or more passes of eight rows over cache-sized
+    # tiles of weight rows (9..17, 48; (389, 577) has tiles of 48 rows and ragged ones)
+    with cpu_gemv.rows_range(1, 48):
       fn = jax.jit(lambda x, w: cpu_gemv.matmul_t(x, w))
       outs = {}
       for n, e in ((37, 20), (1000, 64), (389, 577)):
         w = rng.standard_normal((n, e)).astype(np.float32)
-        for m in range(1, 18):
+        for m in (*range(1, 18), 48):
           x = rng.standard_normal((m, e)).astype(np.float32)
           self.assertIn(cpu_gemv._TARGET, fn.lower(x, w).as_text())
           outs[n, e, m] = x, w, np.asarray(fn(x, w))
