@@ -177,6 +177,22 @@ def _prefill(target: llama.Decoder, target_params, prompts_BxP: Array, prompt_le
   return buffer_BxN, cache.replace(lengths_B=prompt_len_B - 1), hidden
 
 
+def prompt_pass(target_cfg: llama.ModelConfig, drafter: Optional[Drafter], cfg: DecodeConfig,
+                cache_len: int, target_params, draft_params, prompts_BxP: Array,
+                prompt_len_B: Array):
+  """The prompt pass of a generation: the target's caches (``_prefill``) and, with a drafter,
+  its state after reading the prompts. Returns ``(buffer_BxN, target_cache, draft_state)``."""
+  layers = drafter.target_hidden_layers if drafter is not None else ()
+  buffer_BxN, tcache, hidden = _prefill(llama.Decoder(target_cfg), target_params, prompts_BxP,
+                                        prompt_len_B, cache_len, layers, cfg.prefill_chunk)
+  dstate = None
+  if drafter is not None:
+    dstate = drafter.init_state(prompts_BxP.shape[0], cache_len)
+    dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
+                             hidden)
+  return buffer_BxN, tcache, dstate
+
+
 def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B: Array,
            draft_BxK: Array, hidden_layers: tuple = ()) -> llama.DecoderOutput:
   """One target pass over [pending, d_1..d_K]; logits[:, i] is p for the token after input i.
@@ -209,12 +225,8 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
   target = llama.Decoder(target_cfg)
   k = cfg.window
   b = prompts_BxP.shape[0]
-  buffer_BxN, tcache, hidden = _prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                        cache_len, drafter.target_hidden_layers,
-                                        cfg.prefill_chunk)
-  dstate = drafter.init_state(b, cache_len)
-  dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
-                           hidden)
+  buffer_BxN, tcache, dstate = prompt_pass(target_cfg, drafter, cfg, cache_len, target_params,
+                                           draft_params, prompts_BxP, prompt_len_B)
 
   def body(s: _LoopState) -> _LoopState:
     # greedy decoding draws nothing: no key splitting in the loop
@@ -266,8 +278,8 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
                     rng: Array) -> GenerateOutput:
   target = llama.Decoder(target_cfg)
   b = prompts_BxP.shape[0]
-  buffer_BxN, tcache, _ = _prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                   cache_len, (), cfg.prefill_chunk)
+  buffer_BxN, tcache, _ = prompt_pass(target_cfg, None, cfg, cache_len, target_params, None,
+                                      prompts_BxP, prompt_len_B)
 
   def body(s: _LoopState) -> _LoopState:
     rng, key = (s.rng,) * 2 if cfg.temperature == 0 else jax.random.split(s.rng)
@@ -314,6 +326,7 @@ class Engine:
                         f"{target_cfg.vocab_size}: the drafter must share the target's tokenizer")
     self.target_cfg, self.drafter, self.cfg = target_cfg, drafter, cfg
     self._compiled: dict = {}
+    self._prompt_passes: dict = {}
 
   def cache_length(self, prompt_len: int) -> int:
     """Cache slots for a prompt of ``prompt_len``: it, the new tokens and a round's drafts."""
@@ -349,6 +362,17 @@ class Engine:
     prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
     return self._fn(prompts_BxP.shape[1])(target_params, draft_params, prompts_BxP,
                                           prompt_len_B, rng)
+
+  def prompt_pass(self, target_params, draft_params, prompts_BxP, prompt_len_B):
+    """The prompt pass alone, as ``generate`` runs it (the same caches): the time that a
+    decode-only rate leaves out. Returns ``prompt_pass``'s caches."""
+    prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
+    cache_len = self.cache_length(prompts_BxP.shape[1])
+    if cache_len not in self._prompt_passes:
+      self._prompt_passes[cache_len] = jax.jit(functools.partial(
+          prompt_pass, self.target_cfg, self.drafter, self.cfg, cache_len))
+    return self._prompt_passes[cache_len](target_params, draft_params, prompts_BxP,
+                                          jnp.asarray(prompt_len_B, jnp.int32))
 
 
 def decoding_params(params):

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -33,6 +33,15 @@ def _call(fn: Callable[[], Any]) -> tuple[Any, float]:
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn())
   return out, time.perf_counter() - t0
+
+
+def rate_beyond(count: int, full_s: float, part_s: float) -> Optional[float]:
+  """``count`` items per second of the time a whole run takes beyond a part of it timed on
+  its own (e.g. tokens of decoding without the prompt pass); None when noise makes the part
+  as slow as the whole (no rate can be told)."""
+  if full_s <= part_s:
+    return None
+  return count / (full_s - part_s)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, alternate: bool = False

@@ -137,11 +137,9 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
   b = prompts_BxP.shape[0]
   d = shape.depth
   layers = drafter.target_hidden_layers
-  buffer_BxN, tcache, hidden = engine._prefill(target, target_params, prompts_BxP, prompt_len_B,
-                                               cache_len, layers, cfg.prefill_chunk)
-  dstate = drafter.init_state(b, cache_len)
-  dstate = drafter.prefill(draft_params, target_params, dstate, prompts_BxP, prompt_len_B,
-                           hidden)
+  buffer_BxN, tcache, dstate = engine.prompt_pass(target_cfg, drafter, cfg, cache_len,
+                                                  target_params, draft_params, prompts_BxP,
+                                                  prompt_len_B)
 
   def body(s: engine._LoopState) -> engine._LoopState:
     rng, k_acc = jax.random.split(s.rng)

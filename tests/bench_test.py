@@ -23,7 +23,9 @@ TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, v
 RESULT_KEYS = {"batch", "ar_tokens_per_s", "spec_tokens_per_s", "tau", "tau_analytic", "alpha",
                "gamma", "gamma_detail", "ideal_speedup", "measured_speedup",
                "measured_over_ideal", "verify_cost_curve", "greedy_identical", "breakdown",
-               "ideal_cost_curve_speedup", "measured_over_ideal_cost_curve"}
+               "ideal_cost_curve_speedup", "measured_over_ideal_cost_curve", "prompt_pass_s",
+               "ar_decode_tokens_per_s", "spec_decode_tokens_per_s", "measured_decode_speedup",
+               "measured_decode_over_ideal_cost_curve"}
 
 
 class DecodeBenchTest(absltest.TestCase):
@@ -49,7 +51,9 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertGreater(r["gamma"], 0.0)
       self.assertTrue(r["tree"]["greedy_identical"])  # tree drafting: also equal to AR
       self.assertLen(r["tree"]["alpha_by_depth"], 2)
+      self.assertEqual(set(r["prompt_pass_s"]), {"ar", "spec", "tree"})
     self.assertIn("load_average", result["machine"])
+    self.assertIn("prompt pass ar ", decode.format_table(result))
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))
     tok = hf.load_tokenizer(os.path.join(tmp, "pair", "drafter"))

@@ -166,6 +166,27 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     # the drafter saw the same prompt features: the same drafts were accepted
     self.assertEqual(chunked.stats.summary(), whole.stats.summary())
 
+  def test_prompt_pass_alone_fills_the_caches_generate_starts_from(self):
+    # the pass that decode-only benchmark rates leave out: each row's prompt in both caches,
+    # the target's last prompt token still pending
+    dp = _noisy_copy(self.tp, 0.005, 1)
+    eng = engine.Engine(TARGET, drafters.LMDrafter(TARGET), engine.DecodeConfig(
+        window=4, max_new_tokens=MAX_NEW))
+    buffer, tcache, dstate = eng.prompt_pass(self.tp, dp, self.prompts, self.lens)
+    p = self.prompts.shape[1]
+    self.assertEqual(buffer.shape, (len(PROMPTS), eng.cache_length(p)))
+    np.testing.assert_array_equal(buffer[:, :p], self.prompts)
+    np.testing.assert_array_equal(tcache.lengths_B, self.lens - 1)
+    for params, cache in ((self.tp, tcache), (dp, dstate.cache)):
+      ref = llama.Decoder(TARGET).apply(
+          {"params": params}, jnp.asarray(self.prompts),
+          cache=llama.init_cache(TARGET, len(PROMPTS), eng.cache_length(p)),
+          return_logits=False, method=llama.Decoder.forward).cache
+      for got, want in zip(cache.k_BKxSxD + cache.v_BKxSxD, ref.k_BKxSxD + ref.v_BKxSxD):
+        np.testing.assert_allclose(got[:, :p], want[:, :p], rtol=1e-5, atol=1e-5)
+    self.assertIsNone(engine.Engine(TARGET, None, eng.cfg).prompt_pass(
+        self.tp, None, self.prompts, self.lens)[2])
+
   def test_eos_stops_rows(self):
     eos = self.ar_tokens[0][3]
     cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW, eos_ids=(eos,))

@@ -72,11 +72,9 @@ def _prompt_ids(tok, tok_config: dict, text: str) -> list[int]:
 
 def decode_only_rate(new_tokens: int, full_s: float, prompt_s: float) -> Optional[float]:
   """Tokens/s of generation without its prompt pass: ``new_tokens - 1`` tokens in the time
-  a whole generation takes beyond the prompt pass plus its first token (``prompt_s``). None
-  when noise makes the prompt-only call as slow as the whole one (no rate can be told)."""
-  if full_s <= prompt_s:
-    return None
-  return (new_tokens - 1) / (full_s - prompt_s)
+  a whole generation takes beyond the prompt pass plus its first token (``prompt_s``, what
+  llama-bench's generation rate leaves out too); None when noise hides the rate."""
+  return timing.rate_beyond(new_tokens - 1, full_s, prompt_s)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> dict:
