@@ -1,14 +1,13 @@
 """Few-row matrix products on the CPU by a small C++ kernel (``cpu_gemv.cc``).
 
 A decode step's matrix products have few rows (batch x new tokens): AR steps, drafting, and
-the K + 1 tokens of a verification. XLA's CPU dot streams the weights of a one-row product at
-about the memory bandwidth, but for 2-16 rows at about half the rate of this kernel, which
-reads each weight row from memory once for all rows (``python -m ppow_jax.bench.matmul``,
-BENCHMARKS.md).
-``matmul_t(x_MxE, w_NxE)`` computes ``x @ w.T`` with the kernel when it applies (CPU,
-float32, ``MIN_ROWS <= M <= MAX_ROWS``) and with XLA's dot otherwise, so the same jitted code
-runs unchanged on accelerators. The kernel splits the weight rows over XLA's intra-op thread
-pool.
+the K + 1 tokens of a verification. XLA's CPU dot streams a one-row product's weights at
+about 90% of the rate this kernel does, and 2-16 rows at half of it or less: the kernel reads
+each weight row from memory once for all rows (``python -m ppow_jax.bench.matmul``,
+BENCHMARKS.md). ``matmul_t(x_MxE, w_NxE)`` computes ``x @ w.T`` with the kernel when it
+applies (CPU, float32, ``MIN_ROWS <= M <= MAX_ROWS``) and with XLA's dot otherwise, so the
+same jitted code runs unchanged on accelerators. The kernel splits the weight rows over
+XLA's intra-op thread pool.
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``-O3 -march=native``) into ``<cache root>/kernels`` (``$PPOW_JAX_CACHE``, else
@@ -34,10 +33,9 @@ from absl import logging
 
 from ppow_jax.models.gguf_convert import cache_root
 
-# The rows the kernel takes (BENCHMARKS.md): one row XLA streams as fast; up to 48 rows (a
-# batch-8 verification of K + 1 = 6 tokens) the kernel is faster than XLA's matrix product on
-# SmolLM2's shapes (equal at 48) and on smaller ones.
-MIN_ROWS = 2
+# The rows the kernel takes (BENCHMARKS.md): from one row (an AR step) up to 48 (a batch-8
+# verification of K + 1 = 6 tokens), where XLA's matrix product on SmolLM2's shapes is as fast.
+MIN_ROWS = 1
 MAX_ROWS = 48
 DISABLE_ENV = "PPOW_JAX_CPU_GEMV"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")

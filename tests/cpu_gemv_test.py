@@ -29,7 +29,7 @@ class KernelTest(absltest.TestCase):
 
   def test_builds_and_applies_to_few_float32_rows_only(self):
     self.assertTrue(cpu_gemv.available())
-    self.assertFalse(cpu_gemv.applies(1, jnp.float32, jnp.float32))  # XLA streams one row
+    self.assertTrue(cpu_gemv.applies(1, jnp.float32, jnp.float32))  # an AR step
     self.assertTrue(cpu_gemv.applies(cpu_gemv.MIN_ROWS, jnp.float32, jnp.float32))
     self.assertTrue(cpu_gemv.applies(cpu_gemv.MAX_ROWS, jnp.float32, jnp.float32))
     self.assertFalse(cpu_gemv.applies(cpu_gemv.MAX_ROWS + 1, jnp.float32, jnp.float32))
@@ -38,8 +38,9 @@ class KernelTest(absltest.TestCase):
   def test_matches_numpy_for_every_row_count_and_ragged_shapes(self):
     rng = np.random.default_rng(0)
     # N: single-threaded (< 128), threaded with a ragged tail; E: with and without a vector
-    # tail; M: every register blocking (1..8), two or more passes of eight rows over cache-sized
-    # tiles of weight rows (9..17, 48; (389, 577) has tiles of 48 rows and ragged ones)
+    # tail; M: one weight row at a time (1..6), blocks of weight rows (7, 8), two or more passes
+    # of eight rows over cache-sized tiles of weight rows (9..17, 48; (389, 577) has tiles of
+    # 48 rows and ragged ones)
     with cpu_gemv.rows_range(1, 48):
       fn = jax.jit(lambda x, w: cpu_gemv.matmul_t(x, w))
       outs = {}
@@ -59,8 +60,8 @@ class KernelTest(absltest.TestCase):
     hlo = jax.jit(cpu_gemv.matmul_t).lower(x, w).compile().as_text()
     self.assertIn(cpu_gemv._TARGET, hlo)
     self.assertNotIn(" dot(", hlo)
-    one = jnp.ones((1, 16))  # one row: XLA's dot
-    self.assertNotIn(cpu_gemv._TARGET, jax.jit(cpu_gemv.matmul_t).lower(one, w).as_text())
+    one = jnp.ones((1, 16))  # an AR step's one row: the kernel too
+    self.assertIn(cpu_gemv._TARGET, jax.jit(cpu_gemv.matmul_t).lower(one, w).as_text())
     many = jnp.ones((cpu_gemv.MAX_ROWS + 1, 16))
     hlo = jax.jit(cpu_gemv.matmul_t).lower(many, w).compile().as_text()
     self.assertNotIn(cpu_gemv._TARGET, hlo)
