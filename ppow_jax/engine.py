@@ -3,7 +3,8 @@
 Everything per round is array ops on the whole batch: rows accept different numbers of
 tokens, and each row's committed length, target-cache length and drafter state move by their
 own amounts without a host round-trip. A row stops at EOS or at ``max_new_tokens``; the loop
-(``lax.while_loop``) ends when every row has stopped.
+(``decode_loop``: ``lax.while_loop``s) ends when every row has stopped; finished rows leave
+the batch as it shrinks by halves (``DecodeConfig.compact_rows``).
 
 Accounting (docs/protocol.md): a verification round commits ``a + 1`` tokens (fewer only when EOS
 or the token budget cuts it). τ = Σ committed / Σ verification rounds. The prompt pass only
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import acceptance, sampling, sharding
+from ppow_jax import acceptance, decode_loop, sampling, sharding
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.models import llama
@@ -38,6 +39,9 @@ class DecodeConfig:
   max_new_tokens: int = 64  # new tokens per row.
   eos_ids: tuple = ()  # stop a row after any of these tokens (empty: never).
   prefill_chunk: int = 512  # prompt tokens per target call in the prompt pass (0: all at once).
+  # gather the active rows into a half-size batch whenever at most half are active
+  # (decode_loop.py): finished rows stop costing
+  compact_rows: bool = True
 
   def __post_init__(self):
     if self.window < 1:
@@ -62,12 +66,13 @@ class Stats:
   reached_at_K: Array  # over rows and rounds: position i was judged (prefix accepted)
   alpha_sum_K: Array  # Σ α_i = Σ_x min(p_i, q_i) over rows and rounds
   tau_analytic_sum: Array  # Σ over row-rounds of 1 + Σ_k Π_{i<=k} α_i
+  row_slots: Array  # Σ over the loop's rounds of the rows it computed (active or not)
 
   @classmethod
   def zeros(cls, batch: int, window: int) -> "Stats":
     zi = lambda *s: jnp.zeros(s, jnp.int32)
     return cls(zi(batch), zi(batch), zi(batch), zi(batch), zi(window), zi(window),
-               jnp.zeros((window,), jnp.float32), jnp.zeros((), jnp.float32))
+               jnp.zeros((window,), jnp.float32), jnp.zeros((), jnp.float32), zi())
 
   def summary(self) -> dict:
     """Host-side metrics of docs/protocol.md: τ, analytic τ, α̂ by position, per-prompt τ."""
@@ -83,6 +88,8 @@ class Stats:
         "tau_per_prompt_mean": float(per_row[s.verify_calls_B > 0].mean())
                                if (s.verify_calls_B > 0).any() else 0.0,
         "tau_analytic": float(s.tau_analytic_sum / max(calls, 1)),
+        # active row-rounds over computed row-rounds (finished rows still computed: < 1)
+        "batch_utilization": float(calls / max(int(s.row_slots), 1)),
         # conditional acceptance of position i given positions < i were accepted
         "alpha": (s.accepted_at_K / np.maximum(s.reached_at_K, 1)).round(6).tolist(),
         # mean of Σ min(p, q) at position i (the analytic α)
@@ -100,17 +107,6 @@ class GenerateOutput:
   def new_tokens(self) -> list[list[int]]:
     toks, p, n = sharding.to_host((self.tokens_BxN, self.prompt_len_B, self.length_B))
     return [toks[b, p[b]:n[b]].tolist() for b in range(toks.shape[0])]
-
-
-@flax.struct.dataclass
-class _LoopState:
-  buffer_BxN: Array
-  n_B: Array
-  done_B: Array
-  target_cache: llama.KVCache
-  draft_state: Any
-  rng: Array
-  stats: Stats
 
 
 def _write_rows(buffer_BxN: Array, new_BxC: Array, start_B: Array) -> Array:
@@ -242,7 +238,7 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
     res = accept(k_acc, draft_BxK, dlogits_BxKxV, vout.logits_BxTxV, cfg)
     committed_BxK1 = jnp.maximum(res.committed_BxK1, 0)
     a_B = res.num_accepted_B
-    keep_B, finished_B = _keep_count(committed_BxK1, a_B + 1, s.n_B, prompt_len_B, cfg)
+    keep_B, finished_B = _keep_count(committed_BxK1, a_B + 1, s.n_B, s.prompt_len_B, cfg)
     keep_B = jnp.where(active_B, keep_B, 0)
     buffer_BxN = _write_rows(s.buffer_BxN, committed_BxK1, s.n_B)
     n_B = s.n_B + keep_B
@@ -253,7 +249,7 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
     pos_K = jnp.arange(k)
     st = s.stats
     alpha_BxK = res.alpha_BxK * active_B[:, None]
-    stats = Stats(
+    stats = st.replace(
         verify_calls_B=st.verify_calls_B + act,
         drafted_B=st.drafted_B + act * k,
         accepted_B=st.accepted_B + act * a_B,
@@ -265,12 +261,13 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
         alpha_sum_K=st.alpha_sum_K + jnp.sum(alpha_BxK, axis=0),
         tau_analytic_sum=st.tau_analytic_sum + jnp.sum(
             jnp.where(active_B, acceptance.analytic_tau(res.alpha_BxK), 0.0)))
-    return _LoopState(buffer_BxN, n_B, s.done_B | finished_B, tcache, dstate, rng, stats)
+    return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
+                     target_cache=tcache, draft_state=dstate, rng=rng, stats=stats)
 
-  done_B = jnp.zeros((b,), bool)
-  init = _LoopState(buffer_BxN, prompt_len_B, done_B, tcache, dstate, rng, Stats.zeros(b, k))
-  final = jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, init)
-  return GenerateOutput(final.buffer_BxN, prompt_len_B, final.n_B, final.stats)
+  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
+                               tcache, dstate, rng, Stats.zeros(b, k))
+  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
+  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
 
 
 def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len: int,
@@ -294,21 +291,21 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
       probs_BxV = sampling.probs_from_logits(out.logits_BxTxV[:, 0], cfg.temperature,
                                              cfg.top_p)
       tok_B = sampling.sample(key, probs_BxV).astype(jnp.int32)
-    keep_B, finished_B = _keep_count(tok_B[:, None], jnp.ones_like(s.n_B), s.n_B, prompt_len_B,
-                                     cfg)
+    keep_B, finished_B = _keep_count(tok_B[:, None], jnp.ones_like(s.n_B), s.n_B,
+                                     s.prompt_len_B, cfg)
     keep_B = jnp.where(active_B, keep_B, 0)
     buffer_BxN = _write_rows(s.buffer_BxN, tok_B[:, None], s.n_B)
     n_B = s.n_B + keep_B
     act = active_B.astype(jnp.int32)
     stats = s.stats.replace(verify_calls_B=s.stats.verify_calls_B + act,
                             committed_B=s.stats.committed_B + keep_B)
-    return _LoopState(buffer_BxN, n_B, s.done_B | finished_B,
-                      out.cache.replace(lengths_B=n_B - 1), None, rng, stats)
+    return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
+                     target_cache=out.cache.replace(lengths_B=n_B - 1), rng=rng, stats=stats)
 
-  init = _LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), tcache, None, rng,
-                    Stats.zeros(b, 1))
-  final = jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, init)
-  return GenerateOutput(final.buffer_BxN, prompt_len_B, final.n_B, final.stats)
+  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
+                               tcache, None, rng, Stats.zeros(b, 1))
+  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
+  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
 
 
 class Engine:

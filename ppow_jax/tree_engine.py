@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ppow_jax import engine, sampling, tree
+from ppow_jax import decode_loop, engine, sampling, tree
 from ppow_jax.drafters import Drafter, Eagle3FeatureDrafter, LMDrafter
 from ppow_jax.engine import DecodeConfig, GenerateOutput, Stats
 from ppow_jax.errors import UserError
@@ -141,7 +141,7 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
                                                   target_params, draft_params, prompts_BxP,
                                                   prompt_len_B)
 
-  def body(s: engine._LoopState) -> engine._LoopState:
+  def body(s: decode_loop.LoopState) -> decode_loop.LoopState:
     rng, k_acc = jax.random.split(s.rng)
     active_B = ~s.done_B
     if isinstance(drafter, LMDrafter):
@@ -157,14 +157,15 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
       res = tree.rejection_accept(k_acc, t, p_BxN1xV, d)
     committed_BxD1 = jnp.maximum(res.committed_BxD1, 0)
     a_B = res.num_accepted_B
-    keep_B, finished_B = engine._keep_count(committed_BxD1, a_B + 1, s.n_B, prompt_len_B, cfg)
+    keep_B, finished_B = engine._keep_count(committed_BxD1, a_B + 1, s.n_B, s.prompt_len_B,
+                                            cfg)
     keep_B = jnp.where(active_B, keep_B, 0)
     buffer_BxN = engine._write_rows(s.buffer_BxN, committed_BxD1, s.n_B)
     n_B = s.n_B + keep_B
     tcache = commit_path(vout.cache, res.path_BxD, a_B, s.n_B - 1)
     tcache = tcache.replace(lengths_B=n_B - 1)
     if layers:  # the target features along [root, path] feed the EAGLE-3 drafter
-      nodes_BxD1 = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), res.path_BxD], axis=1)
+      nodes_BxD1 = jnp.concatenate([jnp.zeros_like(res.path_BxD[:, :1]), res.path_BxD], 1)
       path_hidden = tuple(jnp.take_along_axis(h, nodes_BxD1[:, :, None], axis=1)
                           for h in vout.hidden_states)
       dstate = drafter.sync(draft_params, target_params, dstate, committed_BxD1, s.n_B - 1,
@@ -181,12 +182,13 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
             active_B[:, None] & (pos_D[None] < a_B[:, None]), axis=0),
         reached_at_K=st.reached_at_K + jnp.sum(
             active_B[:, None] & (pos_D[None] <= a_B[:, None]), axis=0))
-    return engine._LoopState(buffer_BxN, n_B, s.done_B | finished_B, tcache, dstate, rng, stats)
+    return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
+                     target_cache=tcache, draft_state=dstate, rng=rng, stats=stats)
 
-  init = engine._LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), tcache, dstate, rng,
-                           Stats.zeros(b, d))
-  final = jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, init)
-  return GenerateOutput(final.buffer_BxN, prompt_len_B, final.n_B, final.stats)
+  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
+                               tcache, dstate, rng, Stats.zeros(b, d))
+  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
+  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
 
 
 class TreeEngine(engine.Engine):
