@@ -25,7 +25,7 @@ RESULT_KEYS = {"batch", "ar_tokens_per_s", "spec_tokens_per_s", "tau", "tau_anal
                "measured_over_ideal", "verify_cost_curve", "greedy_identical", "breakdown",
                "ideal_cost_curve_speedup", "measured_over_ideal_cost_curve", "prompt_pass_s",
                "ar_decode_tokens_per_s", "spec_decode_tokens_per_s", "measured_decode_speedup",
-               "measured_decode_over_ideal_cost_curve"}
+               "measured_decode_over_ideal_cost_curve", "batch_utilization"}
 
 
 class DecodeBenchTest(absltest.TestCase):
@@ -35,7 +35,7 @@ class DecodeBenchTest(absltest.TestCase):
     self.addCleanup(shutil.rmtree, tmp)
     out = os.path.join(tmp, "decode.json")
     opts = decode.BenchOptions(batch_sizes=(2,), window=2, max_new_tokens=6, prompt_len=4,
-                               repeats=1, gamma_calls=2, tree="4,2,2")
+                               repeats=1, gamma_calls=2, tree="4,2,2", whole_batch=True)
     decode.benchmark("synthetic", opts, spec=TINY, save_pair=os.path.join(tmp, "pair"),
                      output_json=out)
     with open(out) as f:
@@ -52,8 +52,10 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertTrue(r["tree"]["greedy_identical"])  # tree drafting: also equal to AR
       self.assertLen(r["tree"]["alpha_by_depth"], 2)
       self.assertEqual(set(r["prompt_pass_s"]), {"ar", "spec", "tree"})
+      self.assertTrue(r["whole_batch"]["greedy_identical"])
     self.assertIn("load_average", result["machine"])
     self.assertIn("prompt pass ar ", decode.format_table(result))
+    self.assertIn("without compaction AR ", decode.format_table(result))
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))
     tok = hf.load_tokenizer(os.path.join(tmp, "pair", "drafter"))

@@ -14,6 +14,8 @@ decode-phase formulas, so the speedup is also reported without the prompt passes
 of its time. γ and the verification cost curve are measured by ``ppow_jax/gamma.py`` (each call jitted on its own,
 looped inside one compiled program).
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
+``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
+computed until the batch's longest row is done), side by side (``results[i].whole_batch``).
 ``--benchmarks=humaneval,chat`` decodes the evaluation's prompt sets (``--num_prompts`` each, in
 full batches, stopping at EOS) instead of random prompts; each set has its own results.
 """
@@ -61,6 +63,8 @@ def define_flags() -> None:
   flags.DEFINE_string("benchmarks", "", "Comma-separated evaluation prompt sets (humaneval, "
                       "chat) instead of random prompts; needs --pair=hf; stops at EOS.")
   flags.DEFINE_integer("num_prompts", 6, "--benchmarks: prompts per set (evenly spread).")
+  flags.DEFINE_bool("whole_batch", False, "Also time AR and speculative decoding without batch "
+                    "compaction (finished rows computed until the longest row is done).")
   flags.DEFINE_integer("gamma_calls", 20, "Calls per timed loop when measuring γ and costs.")
   flags.DEFINE_integer("synthetic_layers", 8, "Synthetic target: layers.")
   flags.DEFINE_integer("synthetic_hidden", 256, "Synthetic target: hidden size.")
@@ -82,6 +86,7 @@ class BenchOptions:
   tree: str = ""  # "TOTAL,DEPTH,TOPK": also time tree drafting ("": chain only)
   benchmarks: str = ""  # comma-separated prompt sets (data/benchmarks.py); "": random prompts
   num_prompts: int = 6  # per benchmark, evenly spread
+  whole_batch: bool = False  # also time AR and speculative without batch compaction
 
 
 # ----------------------------------------------------------------------------- engine runs
@@ -122,6 +127,12 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
     engines["tree"] = tree_engine.TreeEngine(target_cfg, drafter, cfg,
                                              tree.TreeShape.parse(opts.tree))
     params["tree"] = draft_params
+  timed_prompt = list(engines)  # the engines whose prompt pass is also timed alone
+  if opts.whole_batch:  # the same engines computing every row until the longest is done
+    whole = dataclasses.replace(cfg, compact_rows=False)
+    engines["ar/whole"] = engine.Engine(target_cfg, None, whole)
+    engines["spec/whole"] = engine.Engine(target_cfg, drafter, whole)
+    params.update({"ar/whole": None, "spec/whole": draft_params})
   if prompts is None:
     batches = [(random_prompts(target_cfg.vocab_size, batch, opts.prompt_len, opts.seed + batch),
                 np.full((batch,), opts.prompt_len, np.int32))]
@@ -136,7 +147,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   # each engine's prompt pass on its own (the same caches): decode-only rates leave it out
   fns.update({f"{name}/prompt": (lambda name=name: [
       engines[name].prompt_pass(target_params, params[name], p, l) for p, l in batches])
-              for name in engines})
+              for name in timed_prompt})
   timed = timing.interleaved(fns, opts.repeats, alternate=True)
   compile_s, outs, secs = timed.first_seconds, timed.last or timed.first, timed.seconds
   med = {name: float(np.median(s)) for name, s in secs.items()}
@@ -145,7 +156,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   n_tokens = sum(map(len, new["spec"]))
   tps = {name: sum(map(len, new[name])) / med[name] for name in engines}
   decode_tps = {name: timing.rate_beyond(sum(map(len, new[name])), med[name],
-                                         med[f"{name}/prompt"]) for name in engines}
+                                         med[f"{name}/prompt"]) for name in timed_prompt}
   stats = collected["spec"][1].summary()
 
   cache_len = engines["spec"].cache_length(prompt_len)
@@ -167,15 +178,21 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   ar_steps = _rounds_of_longest_rows(outs["ar"])
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
-  tree_result = {}
+  extra = {}
   if opts.tree:
     tstats = collected["tree"][1].summary()
-    tree_result = {"tree": {
+    extra["tree"] = {
         "shape": opts.tree, "tokens_per_s": tps["tree"], "seconds": secs["tree"],
         "tau": tstats["tau"], "verify_calls": tstats["verify_calls"],
         "alpha_by_depth": tstats["alpha"], "greedy_identical": new["ar"] == new["tree"],
-        "speedup_vs_ar": tps["tree"] / tps["ar"], "speedup_vs_chain": tps["tree"] / tps["spec"]}}
-  return {**tree_result,
+        "speedup_vs_ar": tps["tree"] / tps["ar"], "speedup_vs_chain": tps["tree"] / tps["spec"]}
+  if opts.whole_batch:
+    extra["whole_batch"] = {
+        "ar_tokens_per_s": tps["ar/whole"], "spec_tokens_per_s": tps["spec/whole"],
+        "compaction_speedup_ar": tps["ar"] / tps["ar/whole"],
+        "compaction_speedup_spec": tps["spec"] / tps["spec/whole"],
+        "greedy_identical": new["ar/whole"] == new["ar"] and new["spec/whole"] == new["spec"]}
+  return {**extra,
       "batch": batch, "num_prompts": rows, "prompt_len": prompt_len, "new_tokens": n_tokens,
       "ar_tokens_per_s": tps["ar"], "spec_tokens_per_s": tps["spec"],
       "ar_seconds": secs["ar"], "spec_seconds": secs["spec"],
@@ -190,7 +207,10 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "measured_over_ideal": measured / ideal,
       "ideal_cost_curve_speedup": ideal_cc, "measured_over_ideal_cost_curve": measured / ideal_cc,
       # without the prompt passes, which the ideals (decode-phase formulas) do not price
-      "prompt_pass_s": {name: med[f"{name}/prompt"] for name in engines},
+      "prompt_pass_s": {name: med[f"{name}/prompt"] for name in timed_prompt},
+      # active row-rounds / computed row-rounds (finished rows leave the batch by halves)
+      "batch_utilization": {name: st.summary()["batch_utilization"]
+                            for name, (_, st) in collected.items()},
       "ar_decode_tokens_per_s": decode_tps["ar"], "spec_decode_tokens_per_s": decode_tps["spec"],
       "measured_decode_speedup": measured_dec,
       "measured_decode_over_ideal_cost_curve":
@@ -274,6 +294,13 @@ def format_table(result: dict) -> str:
                  f"{b['spec_round_in_engine_s'] * 1e3:.3f} ms vs isolated draft+verify "
                  f"{b['spec_round_isolated_s'] * 1e3:.3f} ms; speedup predicted by isolated "
                  f"calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
+    if "whole_batch" in r:
+      w = r["whole_batch"]
+      lines.append(f"  without compaction AR {w['ar_tokens_per_s']:.1f} tok/s, spec "
+                   f"{w['spec_tokens_per_s']:.1f} tok/s: compaction {w['compaction_speedup_ar']:.2f}x"
+                   f" AR, {w['compaction_speedup_spec']:.2f}x spec (utilization "
+                   f"{r['batch_utilization']['ar']:.2f} AR, {r['batch_utilization']['spec']:.2f} "
+                   f"spec), same {w['greedy_identical']}")
     if "tree" in r:
       t = r["tree"]
       lines.append(f"  tree {t['shape']}: {t['tokens_per_s']:.1f} tok/s, τ {t['tau']:.2f}, "
@@ -330,7 +357,7 @@ def run(argv) -> dict:
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
                       repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
                       tree=FLAGS.tree or "", benchmarks=FLAGS.benchmarks,
-                      num_prompts=FLAGS.num_prompts)
+                      num_prompts=FLAGS.num_prompts, whole_batch=FLAGS.whole_batch)
   spec = pairs.SyntheticSpec(
       num_layers=FLAGS.synthetic_layers, hidden_size=FLAGS.synthetic_hidden,
       intermediate_size=FLAGS.synthetic_intermediate, vocab_size=FLAGS.synthetic_vocab,
