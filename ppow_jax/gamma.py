@@ -111,38 +111,54 @@ def _draft_looped(drafter: Drafter, draft_params, target_params, pre: _Prefilled
                  calls)
 
 
-def measure_gamma(target_cfg: llama.ModelConfig, target_params, drafter: Drafter, draft_params,
-                  window: int, batch: int, context_len: int, *, cache_len: Optional[int] = None,
-                  calls: int = 20, repeats: int = 5, seed: int = 0) -> dict:
-  """γ = (one drafter step) ÷ (one target verification call of K+1 tokens), measured.
-
-  A drafter step is the drafter's window call (K tokens, everything one engine round spends
-  on drafting) divided by K. Both calls run on caches prefilled with ``context_len`` tokens,
-  preallocated to ``cache_len`` slots (default ``context_len + window + 2``; pass the
-  engine's ``cache_length`` to match its attention cost). Each timing is the median over
-  ``repeats`` of a compiled loop of ``calls`` calls, divided by ``calls``. The returned dict
-  also has the marginal step (``(t_K - t_1) / (K - 1)``) and γ against a 1-token call.
-  """
+def gamma_loops(target_cfg: llama.ModelConfig, target_params, drafter: Drafter, draft_params,
+                window: int, batch: int, context_len: int, *, cache_len: Optional[int] = None,
+                calls: int = 20, seed: int = 0) -> dict:
+  """The compiled loops that ``measure_gamma`` times (each runs ``calls`` calls): the drafter's
+  window call and a one-token drafter call, a K+1-token verification and a one-token target
+  call, on caches prefilled with ``context_len`` tokens and ``cache_len`` slots (default
+  ``context_len + window + 2``; pass the engine's ``cache_length`` to match its attention
+  cost). A benchmark may time them beside other work and pass the medians to
+  ``gamma_summary``."""
   cache_len = cache_len or context_len + window + 2
   if cache_len < context_len + window + 1:
     raise UserError(f"cache_len {cache_len} cannot hold {context_len} tokens + a window of "
                     f"{window} + 1")
   pre = _prefill(target_cfg, target_params, drafter, draft_params, batch, context_len,
                  cache_len, seed)
-  fns = {"draft_window": _draft_looped(drafter, draft_params, target_params, pre, window, calls),
-         "draft_one": _draft_looped(drafter, draft_params, target_params, pre, 1, calls),
-         "verify": _verify_looped(target_cfg, target_params, pre, window + 1,
-                                  drafter.target_hidden_layers, calls),
-         "target_one": _verify_looped(target_cfg, target_params, pre, 1, (), calls)}
-  t = {k: v / calls for k, v in timing.median_seconds(fns, repeats).items()}
+  return {"draft_window": _draft_looped(drafter, draft_params, target_params, pre, window, calls),
+          "draft_one": _draft_looped(drafter, draft_params, target_params, pre, 1, calls),
+          "verify": _verify_looped(target_cfg, target_params, pre, window + 1,
+                                   drafter.target_hidden_layers, calls),
+          "target_one": _verify_looped(target_cfg, target_params, pre, 1, (), calls)}
+
+
+def gamma_summary(loop_seconds: dict, window: int, calls: int) -> dict:
+  """γ and its parts from the median seconds of each of ``gamma_loops``' loops.
+
+  γ = (one drafter step) ÷ (one K+1-token verification); a drafter step is the window call
+  (everything one engine round spends on drafting) divided by K. Also: the marginal step
+  ``(t_K - t_1) / (K - 1)`` and γ against a one-token target call."""
+  t = {k: v / calls for k, v in loop_seconds.items()}
   step = t["draft_window"] / window
   marginal = (t["draft_window"] - t["draft_one"]) / (window - 1) if window > 1 else step
   return {"gamma": step / t["verify"], "gamma_vs_one_token_call": step / t["target_one"],
           "gamma_marginal": marginal / t["verify"], "draft_window_s": t["draft_window"],
           "draft_step_s": step, "draft_one_s": t["draft_one"], "draft_marginal_step_s": marginal,
           "verify_s": t["verify"], "target_one_token_s": t["target_one"], "window": window,
-          "batch": batch, "context_len": context_len, "cache_len": cache_len, "calls": calls,
-          "repeats": repeats}
+          "calls": calls}
+
+
+def measure_gamma(target_cfg: llama.ModelConfig, target_params, drafter: Drafter, draft_params,
+                  window: int, batch: int, context_len: int, *, cache_len: Optional[int] = None,
+                  calls: int = 20, repeats: int = 5, seed: int = 0) -> dict:
+  """``gamma_summary`` of ``gamma_loops``, each timed as the median over ``repeats`` of its
+  loop of ``calls`` calls (the loops interleaved)."""
+  fns = gamma_loops(target_cfg, target_params, drafter, draft_params, window, batch,
+                    context_len, cache_len=cache_len, calls=calls, seed=seed)
+  out = gamma_summary(timing.median_seconds(fns, repeats), window, calls)
+  return {**out, "batch": batch, "context_len": context_len,
+          "cache_len": cache_len or context_len + window + 2, "repeats": repeats}
 
 
 def verify_cost_curve(target_cfg: llama.ModelConfig, target_params, batch: int, context_len: int,

@@ -13,6 +13,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
+from ppow_jax import gamma
 from ppow_jax.bench import compare, decode, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
@@ -156,6 +157,30 @@ class PeersTest(absltest.TestCase):
     self.assertAlmostEqual(peers.decode_only_rate(65, 2.0, 0.4), 40.0)
     self.assertIsNone(peers.decode_only_rate(65, 0.4, 0.4))  # noise: no rate, not a huge one
     self.assertIsNone(peers.decode_only_rate(65, 0.3, 0.4))
+
+
+class GammaTest(absltest.TestCase):
+
+  def test_summary_of_loop_medians(self):
+    # loops of 10 calls: a window call of 5 drafter steps 5 ms, a one-token drafter call 2 ms,
+    # a 6-token verification 10 ms, a one-token target call 4 ms
+    g = gamma.gamma_summary({"draft_window": 0.05, "draft_one": 0.02, "verify": 0.1,
+                             "target_one": 0.04}, window=5, calls=10)
+    self.assertAlmostEqual(g["draft_step_s"], 0.001)
+    self.assertAlmostEqual(g["gamma"], 0.1)
+    self.assertAlmostEqual(g["gamma_vs_one_token_call"], 0.25)
+    self.assertAlmostEqual(g["gamma_marginal"], 0.00075 / 0.01)
+    self.assertAlmostEqual(g["target_one_token_s"], 0.004)
+
+  def test_measure_gamma_times_its_loops(self):
+    p = pairs.synthetic_pair(TINY)
+    g = gamma.measure_gamma(p.target_cfg, p.target_params, p.drafter, p.draft_params, window=2,
+                            batch=1, context_len=4, calls=2, repeats=1)
+    self.assertGreater(g["gamma"], 0.0)
+    self.assertEqual((g["cache_len"], g["repeats"]), (8, 1))
+    with self.assertRaisesRegex(UserError, "cache_len 5 cannot hold 4 tokens"):
+      gamma.gamma_loops(p.target_cfg, p.target_params, p.drafter, p.draft_params, 2, 1, 4,
+                        cache_len=5)
 
 
 class CompareTest(absltest.TestCase):

@@ -11,8 +11,10 @@ include the prompt pass. The measured speedup is set against two ideals (docs/pr
 ``τ/(1+Kγ)`` and ``cost_curve_ideal``, which prices a round at its measured calls. Both are
 decode-phase formulas, so the speedup is also reported without the prompt passes
 (``decode``): each engine's prompt pass is timed on its own in the same rounds and taken out
-of its time. γ and the verification cost curve are measured by ``ppow_jax/gamma.py`` (each call jitted on its own,
-looped inside one compiled program).
+of its time. The calls the ideals price (the drafter's window call, a K+1-token verification
+and a one-token target call; ``gamma.gamma_loops``, each looped inside one compiled program)
+are timed in the same alternating rounds, so a drift of the machine's speed moves both sides
+of measured ÷ ideal alike. The verification cost curve (1..K+1 tokens) is measured after.
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 ``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
 computed until the batch's longest row is done), side by side (``results[i].whole_batch``).
@@ -36,7 +38,7 @@ from ppow_jax.data import benchmarks
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.gamma import measure_gamma, random_prompts, verify_cost_curve
+from ppow_jax.gamma import gamma_loops, gamma_summary, random_prompts, verify_cost_curve
 from ppow_jax.models import gguf_convert
 
 FLAGS = flags.FLAGS
@@ -148,6 +150,12 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   fns.update({f"{name}/prompt": (lambda name=name: [
       engines[name].prompt_pass(target_params, params[name], p, l) for p, l in batches])
               for name in timed_prompt})
+  # the calls the ideals price, timed alone in the same rounds (machine drift hits both alike)
+  cache_len = engines["spec"].cache_length(prompt_len)
+  context_len = prompt_len + opts.max_new_tokens // 2
+  loops = gamma_loops(target_cfg, target_params, drafter, draft_params, k, batch, context_len,
+                      cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
+  fns.update({f"isolated/{name}": fn for name, fn in loops.items()})
   timed = timing.interleaved(fns, opts.repeats, alternate=True)
   compile_s, outs, secs = timed.first_seconds, timed.last or timed.first, timed.seconds
   med = {name: float(np.median(s)) for name, s in secs.items()}
@@ -159,15 +167,15 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
                                          med[f"{name}/prompt"]) for name in timed_prompt}
   stats = collected["spec"][1].summary()
 
-  cache_len = engines["spec"].cache_length(prompt_len)
-  context_len = prompt_len + opts.max_new_tokens // 2
-  gamma = measure_gamma(target_cfg, target_params, drafter, draft_params, k, batch, context_len,
-                        cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
+  gamma = {**gamma_summary({name: med[f"isolated/{name}"] for name in loops}, k,
+                           opts.gamma_calls),
+           "batch": batch, "context_len": context_len, "cache_len": cache_len,
+           "repeats": opts.repeats}
   curve = verify_cost_curve(target_cfg, target_params, batch, context_len, k + 1,
                             cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
   tau, g = stats["tau"], gamma["gamma"]
   ideal = tau / (1 + k * g)
-  ideal_cc = cost_curve_ideal(tau, curve[0]["seconds"], gamma["verify_s"],
+  ideal_cc = cost_curve_ideal(tau, gamma["target_one_token_s"], gamma["verify_s"],
                               gamma["draft_step_s"], k)
   measured = tps["spec"] / tps["ar"]
   measured_dec = (decode_tps["spec"] / decode_tps["ar"]
@@ -218,13 +226,13 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "verify_cost_curve": curve,
       "breakdown": {
           "ar_step_in_engine_s": float(np.median(secs["ar"])) / ar_steps,
-          "ar_step_isolated_s": curve[0]["seconds"],
+          "ar_step_isolated_s": gamma["target_one_token_s"],
           "spec_round_in_engine_s": float(np.median(secs["spec"])) / rounds_max,
           "spec_round_isolated_s": round_s,
           # the loop runs until its longest row is done: tokens per round of the batch
           "tau_effective_longest_row": ar_steps / rounds_max,
           "predicted_speedup_from_isolated_calls":
-              ar_steps / rounds_max * curve[0]["seconds"] / round_s,
+              ar_steps / rounds_max * gamma["target_one_token_s"] / round_s,
           "rounds_mean_per_row": rounds},
   }
 
