@@ -175,9 +175,11 @@ class CacheTest(absltest.TestCase):
                                    atol=1e-4)
         if cpu_gemv.applies(2, jnp.float32, jnp.float32):
           hlo = fwd.lower(fused, step, caches[1]).compile().as_text()
-          # per layer q/k/v, o, gate/up and down; and the head when it is the embedding table
+          # per layer q/k/v, o, gate/up and down; and the head (the embedding table when tied,
+          # lm_head_t otherwise)
           self.assertEqual(hlo.count(f'custom_call_target="{cpu_gemv._TARGET}"'),
-                           4 * cfg.num_layers + int(cfg.tie_embeddings))
+                           4 * cfg.num_layers + 1)
+          self.assertEqual("lm_head_t" in fused, not cfg.tie_embeddings)
 
   def test_config_errors_name_the_field(self):
     with self.assertRaisesRegex(ValueError, "num_heads=6 is not a multiple of num_kv_heads=4"):

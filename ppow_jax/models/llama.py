@@ -374,7 +374,7 @@ class Decoder(nn.Module):
         (cfg.vocab_size, cfg.hidden_size), to_dtype(cfg.param_dtype))
     self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and not self.has_variable("params", "lm_head_t"):
       self.lm_head = self.param(
           "lm_head",
           nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
@@ -400,6 +400,9 @@ class Decoder(nn.Module):
     # accumulate in float32 without materialising a float32 copy of a large bf16 head
     if self.cfg.tie_embeddings and self._fused():  # the [V, E] table is output-major already
       logits = _matmul_t(x, self.embed_tokens.astype(dt), preferred_element_type=jnp.float32)
+    elif self.has_variable("params", "lm_head_t"):  # fuse_projections' untied head
+      logits = _matmul_t(x, self.get_variable("params", "lm_head_t").astype(dt),
+                         preferred_element_type=jnp.float32)
     else:
       w_ExV = self.embed_tokens.T if self.cfg.tie_embeddings else self.lm_head
       logits = _matmul(x, w_ExV.astype(dt), preferred_element_type=jnp.float32)
@@ -453,7 +456,9 @@ def fuse_projections(params: dict) -> dict:
   them): in every attention block ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj_t``
   ``[(H + 2 KV) * D, E]`` and ``o_proj`` becomes ``o_proj_t`` ``[E, H * D]``; in every MLP
   ``gate_proj``/``up_proj`` become one ``gate_up_proj_t`` ``[2 M, E]`` (rows in that order)
-  and ``down_proj`` becomes ``down_proj_t`` ``[E, M]``. The modules read either layout; a
+  and ``down_proj`` becomes ``down_proj_t`` ``[E, M]``; a decoder's untied ``lm_head``
+  becomes ``lm_head_t`` ``[V, E]`` (a tied head reads the embedding table, already
+  ``[V, E]``). The modules read either layout; a
   batch-1 decode step streams every weight once, and on a CPU fewer, contiguous products
   stream them faster (BENCHMARKS.md). Concatenates once, outside any jitted step: meant for
   unsharded inference copies of the weights (training keeps the separate layout)."""
@@ -472,7 +477,10 @@ def fuse_projections(params: dict) -> dict:
       out["gate_up_proj_t"] = jnp.transpose(gate_up)
       out["down_proj_t"] = jnp.transpose(out.pop("down_proj"))
     return out
-  return walk(params)
+  out = walk(params)
+  if isinstance(out, dict) and all(k in out for k in ("embed_tokens", "layers_0", "lm_head")):
+    out["lm_head_t"] = jnp.transpose(out.pop("lm_head"))  # a Decoder's own head only
+  return out
 
 
 def param_count(params) -> int:
