@@ -107,18 +107,19 @@ void Stream(const float* x, const float* w, float* y, int64_t e, int64_t n, int6
   }
 }
 
-// Rows [r0, r1) of w against M rows of x, R rows at a time, then one at a time.
+// Rows [r0, r1) of w against M rows of x: one weight row at a time up to six rows, else R
+// rows at a time, then one at a time.
 template <int M>
 void RowRange(const float* x, const float* w, float* y, int64_t e, int64_t n, int64_t r0,
               int64_t r1) {
   if constexpr (M <= 6) {
     Stream<M>(x, w, y, e, n, r0, r1);
-    return;
+  } else {
+    constexpr int R = 24 / M;  // R * M + M + 1 <= 32 vector registers (3 for 7 or 8 rows)
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) Block<M, R>(x, w, y, e, n, r);
+    for (; r < r1; ++r) Block<M, 1>(x, w, y, e, n, r);
   }
-  constexpr int R = 24 / M > 4 ? 4 : 24 / M;  // R * M + M + 1 <= 32 vector registers
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) Block<M, R>(x, w, y, e, n, r);
-  for (; r < r1; ++r) Block<M, 1>(x, w, y, e, n, r);
 }
 
 struct Problem {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import jax
@@ -189,6 +189,17 @@ def prompt_pass(target_cfg: llama.ModelConfig, drafter: Optional[Drafter], cfg: 
   return buffer_BxN, tcache, dstate
 
 
+def run_loop(body, buffer_BxN: Array, prompt_len_B: Array, target_cache: llama.KVCache,
+             draft_state, rng: Array, stats: Stats, cfg: DecodeConfig) -> GenerateOutput:
+  """Rounds of ``body`` from the prompt pass's state until every row is done
+  (``decode_loop.run``, compacting the batch when ``cfg.compact_rows``)."""
+  b = prompt_len_B.shape[0]
+  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
+                               target_cache, draft_state, rng, stats)
+  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
+  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
+
+
 def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B: Array,
            draft_BxK: Array, hidden_layers: tuple = ()) -> llama.DecoderOutput:
   """One target pass over [pending, d_1..d_K]; logits[:, i] is p for the token after input i.
@@ -224,7 +235,7 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
   buffer_BxN, tcache, dstate = prompt_pass(target_cfg, drafter, cfg, cache_len, target_params,
                                            draft_params, prompts_BxP, prompt_len_B)
 
-  def body(s: _LoopState) -> _LoopState:
+  def body(s: decode_loop.LoopState) -> decode_loop.LoopState:
     # greedy decoding draws nothing: no key splitting in the loop
     rng, k_draft, k_acc = (s.rng,) * 3 if cfg.temperature == 0 else jax.random.split(s.rng, 3)
     active_B = ~s.done_B
@@ -264,10 +275,7 @@ def _speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: DecodeCon
     return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
                      target_cache=tcache, draft_state=dstate, rng=rng, stats=stats)
 
-  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
-                               tcache, dstate, rng, Stats.zeros(b, k))
-  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
-  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
+  return run_loop(body, buffer_BxN, prompt_len_B, tcache, dstate, rng, Stats.zeros(b, k), cfg)
 
 
 def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len: int,
@@ -278,7 +286,7 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
   buffer_BxN, tcache, _ = prompt_pass(target_cfg, None, cfg, cache_len, target_params, None,
                                       prompts_BxP, prompt_len_B)
 
-  def body(s: _LoopState) -> _LoopState:
+  def body(s: decode_loop.LoopState) -> decode_loop.LoopState:
     rng, key = (s.rng,) * 2 if cfg.temperature == 0 else jax.random.split(s.rng)
     active_B = ~s.done_B
     pending_B = _gather_rows(s.buffer_BxN[:, :, None], s.n_B - 1)[:, 0]
@@ -302,10 +310,7 @@ def _autoregressive(target_cfg: llama.ModelConfig, cfg: DecodeConfig, cache_len:
     return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
                      target_cache=out.cache.replace(lengths_B=n_B - 1), rng=rng, stats=stats)
 
-  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
-                               tcache, None, rng, Stats.zeros(b, 1))
-  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
-  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
+  return run_loop(body, buffer_BxN, prompt_len_B, tcache, None, rng, Stats.zeros(b, 1), cfg)
 
 
 class Engine:

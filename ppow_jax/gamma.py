@@ -112,15 +112,13 @@ def _draft_looped(drafter: Drafter, draft_params, target_params, pre: _Prefilled
 
 
 def gamma_loops(target_cfg: llama.ModelConfig, target_params, drafter: Drafter, draft_params,
-                window: int, batch: int, context_len: int, *, cache_len: Optional[int] = None,
-                calls: int = 20, seed: int = 0) -> dict:
+                window: int, batch: int, context_len: int, *, cache_len: int, calls: int = 20,
+                seed: int = 0) -> dict:
   """The compiled loops that ``measure_gamma`` times (each runs ``calls`` calls): the drafter's
   window call and a one-token drafter call, a K+1-token verification and a one-token target
-  call, on caches prefilled with ``context_len`` tokens and ``cache_len`` slots (default
-  ``context_len + window + 2``; pass the engine's ``cache_length`` to match its attention
-  cost). A benchmark may time them beside other work and pass the medians to
-  ``gamma_summary``."""
-  cache_len = cache_len or context_len + window + 2
+  call, on caches prefilled with ``context_len`` tokens and ``cache_len`` slots (the
+  engine's ``cache_length`` matches its attention cost). A benchmark may time them beside
+  other work and pass the medians to ``gamma_summary``."""
   if cache_len < context_len + window + 1:
     raise UserError(f"cache_len {cache_len} cannot hold {context_len} tokens + a window of "
                     f"{window} + 1")
@@ -153,12 +151,14 @@ def measure_gamma(target_cfg: llama.ModelConfig, target_params, drafter: Drafter
                   window: int, batch: int, context_len: int, *, cache_len: Optional[int] = None,
                   calls: int = 20, repeats: int = 5, seed: int = 0) -> dict:
   """``gamma_summary`` of ``gamma_loops``, each timed as the median over ``repeats`` of its
-  loop of ``calls`` calls (the loops interleaved)."""
+  loop of ``calls`` calls (the loops interleaved); ``cache_len`` defaults to
+  ``context_len + window + 2``."""
+  cache_len = cache_len or context_len + window + 2
   fns = gamma_loops(target_cfg, target_params, drafter, draft_params, window, batch,
                     context_len, cache_len=cache_len, calls=calls, seed=seed)
   out = gamma_summary(timing.median_seconds(fns, repeats), window, calls)
-  return {**out, "batch": batch, "context_len": context_len,
-          "cache_len": cache_len or context_len + window + 2, "repeats": repeats}
+  return {**out, "batch": batch, "context_len": context_len, "cache_len": cache_len,
+          "repeats": repeats}
 
 
 def verify_cost_curve(target_cfg: llama.ModelConfig, target_params, batch: int, context_len: int,

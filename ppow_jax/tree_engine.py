@@ -185,10 +185,8 @@ def _tree_speculative(target_cfg: llama.ModelConfig, drafter: Drafter, cfg: Deco
     return s.replace(buffer_BxN=buffer_BxN, n_B=n_B, done_B=s.done_B | finished_B,
                      target_cache=tcache, draft_state=dstate, rng=rng, stats=stats)
 
-  init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
-                               tcache, dstate, rng, Stats.zeros(b, d))
-  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
-  return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
+  return engine.run_loop(body, buffer_BxN, prompt_len_B, tcache, dstate, rng, Stats.zeros(b, d),
+                         cfg)
 
 
 class TreeEngine(engine.Engine):
