@@ -58,12 +58,6 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, alternate: bool
   return timed
 
 
-def median_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds of each callable (``interleaved``)."""
-  timed = interleaved(fns, repeats)
-  return {k: timed.median(k) for k in fns}
-
-
 def machine_info() -> dict:
   """What a timing depends on: devices, CPU, software versions and the load average."""
   cpu = platform.processor() or ""

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks: tiny sizes, output schema only (no timing assertions)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,13 +12,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import gamma
+from ppow_jax import drafters, gamma
 from ppow_jax.bench import compare, decode, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
-from ppow_jax.models import hf, llama
+from ppow_jax.models import eagle3, hf, llama
 
 TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
                            residual_scale=0.01)
@@ -54,6 +56,7 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertLen(r["tree"]["alpha_by_depth"], 2)
       self.assertEqual(set(r["prompt_pass_s"]), {"ar", "spec", "tree"})
       self.assertTrue(r["whole_batch"]["greedy_identical"])
+      self.assertGreater(r["breakdown"]["spec_round_isolated_one_loop_s"], 0.0)
     self.assertIn("load_average", result["machine"])
     self.assertIn("prompt pass ar ", decode.format_table(result))
     self.assertIn("without compaction AR ", decode.format_table(result))
@@ -161,16 +164,60 @@ class PeersTest(absltest.TestCase):
 
 class GammaTest(absltest.TestCase):
 
-  def test_summary_of_loop_medians(self):
-    # loops of 10 calls: a window call of 5 drafter steps 5 ms, a one-token drafter call 2 ms,
-    # a 6-token verification 10 ms, a one-token target call 4 ms
-    g = gamma.gamma_summary({"draft_window": 0.05, "draft_one": 0.02, "verify": 0.1,
-                             "target_one": 0.04}, window=5, calls=10)
+  def test_summary_of_per_call_seconds(self):
+    # a window call of 5 drafter steps 5 ms, a one-token drafter call 2 ms, a 6-token
+    # verification 10 ms, a one-token target call 4 ms
+    g = gamma.gamma_summary({"draft_window": 0.005, "draft_one": 0.002, "verify": 0.01,
+                             "target_one": 0.004}, window=5)
     self.assertAlmostEqual(g["draft_step_s"], 0.001)
     self.assertAlmostEqual(g["gamma"], 0.1)
     self.assertAlmostEqual(g["gamma_vs_one_token_call"], 0.25)
     self.assertAlmostEqual(g["gamma_marginal"], 0.00075 / 0.01)
     self.assertAlmostEqual(g["target_one_token_s"], 0.004)
+
+  def test_per_call_seconds_leave_out_the_loop_start(self):
+    # a loop costs 30 ms to start and 2 ms per call: 10 calls 50 ms, 30 calls 90 ms
+    fns = gamma.marginal_fns({"verify": None, "target_one": None}, 10)
+    self.assertEqual(sorted(fns), ["target_one/x1", "target_one/x3", "verify/x1", "verify/x3"])
+    # three rounds; the machine slows down by 10 ms in the third, for both runs of the pair
+    t = gamma.per_call_seconds({"verify/x1": [0.05, 0.05, 0.06], "verify/x3": [0.09, 0.09, 0.1],
+                                "target_one/x1": [0.05] * 3, "target_one/x3": [0.048] * 3},
+                               calls=10)
+    self.assertAlmostEqual(t["verify"], 0.002)
+    self.assertAlmostEqual(t["target_one"], 0.048 / 30)  # noise: the longer run's mean
+
+  def test_drafting_is_priced_with_the_rounds_sync(self):
+    # EAGLE-3 drafts its first token from the sync of the previous round's K+1 tokens: the
+    # draft loops and the whole-round loop call sync, the verification loops do not
+    p = pairs.synthetic_pair(TINY)
+    traced = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting(drafters.LMDrafter):
+      def sync(self, *args):
+        traced.append(args[3].shape)  # the committed tokens
+        return super().sync(*args)
+
+    loops = gamma.gamma_loops(p.target_cfg, p.target_params, Counting(p.drafter.cfg),
+                              p.draft_params, 3, 1, 4, cache_len=9, with_round=True)
+    for name, loop in loops.items():
+      before = len(traced)
+      loop(2)
+      self.assertEqual(len(traced) - before, name in ("draft_window", "draft_one", "round"),
+                       name)
+    self.assertEqual(traced, [(1, 4), (1, 2), (1, 4)])  # K+1 tokens per row (K = 1: draft_one)
+    ecfg = eagle3.Eagle3Config.from_target(p.target_cfg, draft_vocab_size=48)
+    eagle = drafters.Eagle3FeatureDrafter.create(ecfg, p.target_cfg)
+    eparams = {"net": eagle3.init_eagle3(ecfg, jax.random.PRNGKey(2)),
+               "vocab": eagle3.build_draft_vocab(np.arange(128)[::-1].astype(np.float64), 48)}
+    g = gamma.measure_gamma(p.target_cfg, p.target_params, eagle, eparams, window=3, batch=2,
+                            context_len=4, calls=2, repeats=1)
+    self.assertGreater(g["draft_window_s"], 0.0)
+
+  def test_looped_runs_as_many_calls_as_asked(self):
+    loop = gamma.Looped(lambda c, step: c + step, jnp.zeros((), jnp.int32), (jnp.int32(2),))
+    self.assertEqual(int(loop(3)), 6)
+    self.assertEqual(int(loop(10)), 26)  # the carry goes on from the last call
 
   def test_measure_gamma_times_its_loops(self):
     p = pairs.synthetic_pair(TINY)

@@ -14,7 +14,10 @@ decode-phase formulas, so the speedup is also reported without the prompt passes
 of its time. The calls the ideals price (the drafter's window call, a K+1-token verification
 and a one-token target call; ``gamma.gamma_loops``, each looped inside one compiled program)
 are timed in the same alternating rounds, so a drift of the machine's speed moves both sides
-of measured ÷ ideal alike. The verification cost curve (1..K+1 tokens) is measured after.
+of measured ÷ ideal alike; each is priced at its loop's marginal time per call (loops of
+``--gamma_calls`` and 3× as many calls, differenced: a loop's start-up is not charged to its
+calls; an engine pays one per generation, not one per round). The verification cost curve
+(1..K+1 tokens) is measured after.
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 ``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
 computed until the batch's longest row is done), side by side (``results[i].whole_batch``).
@@ -38,7 +41,8 @@ from ppow_jax.data import benchmarks
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.gamma import gamma_loops, gamma_summary, random_prompts, verify_cost_curve
+from ppow_jax.gamma import (gamma_loops, gamma_summary, marginal_fns, per_call_seconds,
+                            random_prompts, verify_cost_curve)
 from ppow_jax.models import gguf_convert
 
 FLAGS = flags.FLAGS
@@ -67,7 +71,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_prompts", 6, "--benchmarks: prompts per set (evenly spread).")
   flags.DEFINE_bool("whole_batch", False, "Also time AR and speculative decoding without batch "
                     "compaction (finished rows computed until the longest row is done).")
-  flags.DEFINE_integer("gamma_calls", 20, "Calls per timed loop when measuring γ and costs.")
+  flags.DEFINE_integer("gamma_calls", 20, "Calls of the shorter timed loop when measuring γ and "
+                       "costs (the longer has 3×).")
   flags.DEFINE_integer("synthetic_layers", 8, "Synthetic target: layers.")
   flags.DEFINE_integer("synthetic_hidden", 256, "Synthetic target: hidden size.")
   flags.DEFINE_integer("synthetic_intermediate", 768, "Synthetic target: MLP size.")
@@ -154,8 +159,9 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   cache_len = engines["spec"].cache_length(prompt_len)
   context_len = prompt_len + opts.max_new_tokens // 2
   loops = gamma_loops(target_cfg, target_params, drafter, draft_params, k, batch, context_len,
-                      cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
-  fns.update({f"isolated/{name}": fn for name, fn in loops.items()})
+                      cache_len=cache_len, seed=opts.seed, with_round=True)
+  fns.update({f"isolated/{name}": fn
+              for name, fn in marginal_fns(loops, opts.gamma_calls).items()})
   timed = timing.interleaved(fns, opts.repeats, alternate=True)
   compile_s, outs, secs = timed.first_seconds, timed.last or timed.first, timed.seconds
   med = {name: float(np.median(s)) for name, s in secs.items()}
@@ -167,10 +173,12 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
                                          med[f"{name}/prompt"]) for name in timed_prompt}
   stats = collected["spec"][1].summary()
 
-  gamma = {**gamma_summary({name: med[f"isolated/{name}"] for name in loops}, k,
-                           opts.gamma_calls),
+  isolated = {name[len("isolated/"):]: sec for name, sec in secs.items()
+              if name.startswith("isolated/")}
+  per_call = per_call_seconds(isolated, opts.gamma_calls)
+  gamma = {**gamma_summary(per_call, k),
            "batch": batch, "context_len": context_len, "cache_len": cache_len,
-           "repeats": opts.repeats}
+           "calls": opts.gamma_calls, "repeats": opts.repeats}
   curve = verify_cost_curve(target_cfg, target_params, batch, context_len, k + 1,
                             cache_len=cache_len, calls=opts.gamma_calls, seed=opts.seed)
   tau, g = stats["tau"], gamma["gamma"]
@@ -224,11 +232,13 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "measured_decode_over_ideal_cost_curve":
           measured_dec / ideal_cc if measured_dec is not None else None,
       "verify_cost_curve": curve,
-      "breakdown": {
-          "ar_step_in_engine_s": med["ar"] / ar_steps,
+      "breakdown": {  # engine times without the prompt pass
+          "ar_step_in_engine_s": (med["ar"] - med["ar/prompt"]) / ar_steps,
           "ar_step_isolated_s": gamma["target_one_token_s"],
-          "spec_round_in_engine_s": med["spec"] / rounds_max,
+          "spec_round_in_engine_s": (med["spec"] - med["spec/prompt"]) / rounds_max,
           "spec_round_isolated_s": round_s,
+          # the window call and the verification back to back in one loop
+          "spec_round_isolated_one_loop_s": per_call["round"],
           # the loop runs until its longest row is done: tokens per round of the batch
           "tau_effective_longest_row": ar_steps / rounds_max,
           "predicted_speedup_from_isolated_calls":
@@ -300,8 +310,9 @@ def format_table(result: dict) -> str:
     lines.append(f"  engine AR step {b['ar_step_in_engine_s'] * 1e3:.3f} ms vs isolated "
                  f"{b['ar_step_isolated_s'] * 1e3:.3f} ms; engine round "
                  f"{b['spec_round_in_engine_s'] * 1e3:.3f} ms vs isolated draft+verify "
-                 f"{b['spec_round_isolated_s'] * 1e3:.3f} ms; speedup predicted by isolated "
-                 f"calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
+                 f"{b['spec_round_isolated_s'] * 1e3:.3f} ms apart, "
+                 f"{b['spec_round_isolated_one_loop_s'] * 1e3:.3f} ms in one loop; speedup "
+                 f"predicted by isolated calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
     if "whole_batch" in r:
       w = r["whole_batch"]
       lines.append(f"  without compaction AR {w['ar_tokens_per_s']:.1f} tok/s, spec "
