@@ -57,6 +57,8 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertEqual(set(r["prompt_pass_s"]), {"ar", "spec", "tree"})
       self.assertTrue(r["whole_batch"]["greedy_identical"])
       self.assertGreater(r["breakdown"]["spec_round_isolated_one_loop_s"], 0.0)
+      self.assertEqual(set(r["gamma_detail"]["loop_start_s"]),
+                       {"draft_window", "draft_one", "verify", "target_one", "round"})
     self.assertIn("load_average", result["machine"])
     self.assertIn("prompt pass ar ", decode.format_table(result))
     self.assertIn("without compaction AR ", decode.format_table(result))
