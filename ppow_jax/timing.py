@@ -58,6 +58,20 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, alternate: bool
   return timed
 
 
+def bandwidth_summary(weight_bytes: int, step_s: dict[str, Optional[float]],
+                      peak_gbs: float) -> dict:
+  """GB/s of weights that an AR step reads in each timing of ``step_s``, and (with the
+  device's ``peak_gbs``) each step over the time its weights take at that bandwidth. A step
+  time that noise left non-positive (a difference of two timings) gives None."""
+  out = {"weight_bytes_per_step": weight_bytes, "peak_gbs": peak_gbs or None}
+  for name, sec in step_s.items():
+    known = sec is not None and sec > 0
+    out[f"{name}_gbs"] = weight_bytes / sec / 1e9 if known else None
+    out[f"{name}_over_bandwidth_time"] = (sec / (weight_bytes / (peak_gbs * 1e9))
+                                          if known and peak_gbs else None)
+  return out
+
+
 def machine_info() -> dict:
   """What a timing depends on: devices, CPU, software versions and the load average."""
   cpu = platform.processor() or ""

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import drafters, gamma
+from ppow_jax import drafters, gamma, timing
 from ppow_jax.bench import compare, decode, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
@@ -57,6 +57,7 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertEqual(set(r["prompt_pass_s"]), {"ar", "spec", "tree"})
       self.assertTrue(r["whole_batch"]["greedy_identical"])
       self.assertGreater(r["breakdown"]["spec_round_isolated_one_loop_s"], 0.0)
+      self.assertGreater(r["ar_step_bandwidth"]["isolated_gbs"], 0.0)
       self.assertEqual(set(r["gamma_detail"]["loop_start_s"]),
                        {"draft_window", "draft_one", "verify", "target_one", "round"})
     self.assertIn("load_average", result["machine"])
@@ -230,6 +231,29 @@ class GammaTest(absltest.TestCase):
     with self.assertRaisesRegex(UserError, "cache_len 5 cannot hold 4 tokens"):
       gamma.gamma_loops(p.target_cfg, p.target_params, p.drafter, p.draft_params, 2, 1, 4,
                         cache_len=5)
+
+
+class BandwidthTest(absltest.TestCase):
+
+  def test_an_ar_step_reads_every_weight_but_the_embedding_table(self):
+    for tied in (False, True):
+      cfg = llama.ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=1,
+                              num_heads=2, num_kv_heads=1, tie_embeddings=tied)
+      params = llama.init_params(cfg, jax.random.PRNGKey(0))
+      table = 100 * 8 * 4
+      want = 4 * llama.param_count(params) - (0 if tied else table)
+      self.assertEqual(llama.weight_bytes_per_step(cfg, params), want)
+
+  def test_bandwidth_summary(self):
+    # 1 GB of weights: a 2 ms step reads 500 GB/s, 2.5x the 0.8 ms it takes at 1250 GB/s
+    b = timing.bandwidth_summary(10**9, {"engine": 0.002}, 1250.0)
+    self.assertAlmostEqual(b["engine_gbs"], 500.0)
+    self.assertAlmostEqual(b["engine_over_bandwidth_time"], 2.5)
+    self.assertIsNone(timing.bandwidth_summary(10**9, {"engine": 0.002}, 0.0)[
+        "engine_over_bandwidth_time"])
+    noisy = timing.bandwidth_summary(10**9, {"engine": -0.001}, 1250.0)  # a noisy difference
+    self.assertIsNone(noisy["engine_gbs"])
+    self.assertIsNone(noisy["engine_over_bandwidth_time"])
 
 
 class CompareTest(absltest.TestCase):

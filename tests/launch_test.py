@@ -14,7 +14,7 @@ from absl.testing import absltest, parameterized
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ("common.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "build_llamacpp.sh",
-           "local_multiprocess.sh")
+           "local_multiprocess.sh", "gpu_decode_bench.sh")
 CONFIG = "configs/llama31_8b_eagle3.py:tpu_v5p"
 
 TPU_ENV = {"TPU_NAME": "ppow-test", "ZONE": "us-east5-a", "PROJECT": "proj",
@@ -124,10 +124,24 @@ class LaunchTest(parameterized.TestCase):
         "-m", "ppow_jax.main", f"--config={GPU_ENV['CONFIG']}", f"--workdir={GPU_ENV['WORKDIR']}",
         "--config.data.seq_len=1024"])
 
+  def test_gpu_decode_bench_dry_run_prints_both_dtypes(self):
+    proc, _ = _run("gpu_decode_bench.sh", {"OUT": "/tmp/b 1", "PEAK_GBS": "4800"},
+                   "--repeats=5")
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    lines = [shlex.split(line) for line in proc.stdout.splitlines()]
+    self.assertLen(lines, 3, proc.stdout)
+    self.assertEqual(lines[0], ["mkdir", "-p", "/tmp/b 1"])
+    for line, dtype in zip(lines[1:], ("float32", "bfloat16")):
+      self.assertEqual(line[:3], ["python3", "-m", "ppow_jax.bench.decode"])
+      self.assertIn(f"--dtype={dtype}", line)
+      self.assertIn("--peak_gbs=4800", line)
+      self.assertIn(f"--output_json=/tmp/b 1/decode_{dtype}.json", line)
+      self.assertEqual(line[-1], "--repeats=5")  # extra flags last: they override
+
   @parameterized.parameters(
       ("tpu_pod.sh", TPU_ENV, "ZONE"), ("tpu_pod.sh", TPU_ENV, "WORKDIR"),
       ("tpu_pod.sh", TPU_ENV, "RUNTIME_VERSION"), ("gpu_slurm.sbatch", GPU_ENV, "CONFIG"),
-      ("gpu_slurm.sbatch", GPU_ENV, "WORKDIR"))
+      ("gpu_slurm.sbatch", GPU_ENV, "WORKDIR"), ("gpu_decode_bench.sh", {"OUT": "/o"}, "OUT"))
   def test_missing_variable_fails_naming_it(self, script, env, missing):
     env = {k: v for k, v in env.items() if k != missing}
     proc, _ = _run(script, env)

@@ -43,7 +43,7 @@ from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.gamma import (gamma_loops, gamma_summary, marginal_fns, per_call_seconds,
                             random_prompts, verify_cost_curve)
-from ppow_jax.models import gguf_convert
+from ppow_jax.models import gguf_convert, llama
 
 FLAGS = flags.FLAGS
 
@@ -71,6 +71,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_prompts", 6, "--benchmarks: prompts per set (evenly spread).")
   flags.DEFINE_bool("whole_batch", False, "Also time AR and speculative decoding without batch "
                     "compaction (finished rows computed until the longest row is done).")
+  flags.DEFINE_float("peak_gbs", 0.0, "The device's memory bandwidth in GB/s (0: unknown): an AR "
+                     "step is also reported against the time its weights take to read.")
   flags.DEFINE_integer("gamma_calls", 20, "Calls of the shorter timed loop when measuring γ and "
                        "costs (the longer has 3×).")
   flags.DEFINE_integer("synthetic_layers", 8, "Synthetic target: layers.")
@@ -94,6 +96,7 @@ class BenchOptions:
   benchmarks: str = ""  # comma-separated prompt sets (data/benchmarks.py); "": random prompts
   num_prompts: int = 6  # per benchmark, evenly spread
   whole_batch: bool = False  # also time AR and speculative without batch compaction
+  peak_gbs: float = 0.0  # the device's memory bandwidth, GB/s (0: unknown)
 
 
 # ----------------------------------------------------------------------------- engine runs
@@ -236,6 +239,11 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "measured_decode_over_ideal_cost_curve":
           measured_dec / ideal_cc if measured_dec is not None else None,
       "verify_cost_curve": curve,
+      # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
+      "ar_step_bandwidth": timing.bandwidth_summary(
+          llama.weight_bytes_per_step(target_cfg, target_params),
+          {"engine": (med["ar"] - med["ar/prompt"]) / ar_steps,
+           "isolated": gamma["target_one_token_s"]}, opts.peak_gbs),
       "breakdown": {  # engine times without the prompt pass
           "ar_step_in_engine_s": (med["ar"] - med["ar/prompt"]) / ar_steps,
           "ar_step_isolated_s": gamma["target_one_token_s"],
@@ -318,6 +326,13 @@ def format_table(result: dict) -> str:
                  f"{b['spec_round_isolated_s'] * 1e3:.3f} ms apart, "
                  f"{b['spec_round_isolated_one_loop_s'] * 1e3:.3f} ms in one loop; speedup "
                  f"predicted by isolated calls {b['predicted_speedup_from_isolated_calls']:.2f}x")
+    bw = r["ar_step_bandwidth"]
+    lines.append(f"  AR step: {bw['weight_bytes_per_step'] / 1e6:.1f} MB of weights, "
+                 + _fmt(bw["engine_gbs"], "{:.1f}") + " GB/s in the engine, "
+                 + _fmt(bw["isolated_gbs"], "{:.1f}") + " GB/s isolated"
+                 + ("" if not bw["peak_gbs"] else
+                    "; " + _fmt(bw["engine_over_bandwidth_time"], "{:.2f}")
+                    + f"x the time at {bw['peak_gbs']:.0f} GB/s"))
     if "whole_batch" in r:
       w = r["whole_batch"]
       lines.append(f"  without compaction AR {w['ar_tokens_per_s']:.1f} tok/s, spec "
@@ -381,7 +396,8 @@ def run(argv) -> dict:
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
                       repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
                       tree=FLAGS.tree or "", benchmarks=FLAGS.benchmarks,
-                      num_prompts=FLAGS.num_prompts, whole_batch=FLAGS.whole_batch)
+                      num_prompts=FLAGS.num_prompts, whole_batch=FLAGS.whole_batch,
+                      peak_gbs=FLAGS.peak_gbs)
   spec = pairs.SyntheticSpec(
       num_layers=FLAGS.synthetic_layers, hidden_size=FLAGS.synthetic_hidden,
       intermediate_size=FLAGS.synthetic_intermediate, vocab_size=FLAGS.synthetic_vocab,

@@ -483,5 +483,15 @@ def fuse_projections(params: dict) -> dict:
   return out
 
 
+def weight_bytes_per_step(target_cfg, target_params) -> int:
+  """Bytes of target weights that one decode step reads: every parameter but the embedding
+  table, of which a step gathers a few rows (unless the LM head is tied to it)."""
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(target_params))
+  if not target_cfg.tie_embeddings:
+    table = target_params["embed_tokens"]
+    total -= table.size * table.dtype.itemsize
+  return int(total)
+
+
 def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

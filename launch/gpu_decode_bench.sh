@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The decode-engine benchmark on one GPU: the scaled-up synthetic pair (a 16-layer target of
+# hidden size 2048, ~0.9 B parameters, and a one-layer drafter) in float32 and bfloat16, at
+# batch 1 and 8 with K = 4: AR and speculative tokens/s, τ, the cost-curve ideal, and an AR
+# step against the time its weights take at the device's bandwidth. A few minutes on an H200
+# once JAX is installed (PYTHON: an interpreter with this package and "jax[cuda12]").
+#
+#   OUT=/tmp/bench PEAK_GBS=4800 launch/gpu_decode_bench.sh [extra ppow_jax.bench.decode flags]
+#
+# Writes OUT/decode_float32.json and OUT/decode_bfloat16.json (tables on stdout).
+# PEAK_GBS: the device's memory bandwidth in GB/s (H200: 4800; 0 or unset: not reported).
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
+
+: "${OUT:?set OUT, the directory for the JSON results}"
+PYTHON="${PYTHON:-python3}"
+
+cd "$REPO"
+run mkdir -p "$OUT"
+for dtype in float32 bfloat16; do
+  run "$PYTHON" -m ppow_jax.bench.decode --pair=synthetic --synthetic_layers=16 \
+    --synthetic_hidden=2048 --synthetic_intermediate=5632 --synthetic_vocab=32000 \
+    --batch_sizes=1,8 --window=4 --max_new_tokens=128 --repeats=3 --dtype="$dtype" \
+    --peak_gbs="${PEAK_GBS:-0}" --output_json="$OUT/decode_$dtype.json" "$@"
+done
