@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax import drafters, gamma, timing
-from ppow_jax.bench import compare, decode, pairs, peers
+from ppow_jax.bench import compare, decode, decode_table, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.models import eagle3, hf, llama
@@ -61,8 +61,8 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertEqual(set(r["gamma_detail"]["loop_start_s"]),
                        {"draft_window", "draft_one", "verify", "target_one", "round"})
     self.assertIn("load_average", result["machine"])
-    self.assertIn("prompt pass ar ", decode.format_table(result))
-    self.assertIn("without compaction AR ", decode.format_table(result))
+    self.assertIn("prompt pass ar ", decode_table.format_table(result))
+    self.assertIn("without compaction AR ", decode_table.format_table(result))
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))
     tok = hf.load_tokenizer(os.path.join(tmp, "pair", "drafter"))
