@@ -38,6 +38,12 @@ fi
 exit 0
 """
 
+# Runs argv[1:] with no signal blocked and SIGINT/SIGTERM at their default disposition.
+_CLEAN_SIGNALS_EXEC = (
+    "import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+    "signal.signal(signal.SIGINT, signal.SIG_DFL); signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])")
+
 _TMP = tempfile.TemporaryDirectory()  # removed at exit
 _STUBS = os.path.join(_TMP.name, "bin")  # first on PATH: a dry run that runs anything fails
 os.makedirs(_STUBS)
@@ -192,9 +198,16 @@ class LaunchTest(parameterized.TestCase):
     os.makedirs(pids)
     env = dict(os.environ, PYTHON=fake, PORT="23456", LOGDIR=logdir, PIDS=pids,
                FAIL_ID=fail_id, GRACE="5")
-    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "3",
-                             "--workdir=w"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # bash inherits this process's signal mask and ignored signals, and cannot trap a signal
+    # ignored at its start: what an earlier test's library left in this worker would make it
+    # deaf to the interrupt. It starts from the default state, as from a terminal.
+    inherited = (sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                 [s for s in (signal.SIGINT, signal.SIGTERM)
+                  if signal.getsignal(s) == signal.SIG_IGN])
+    proc = subprocess.Popen([sys.executable, "-c", _CLEAN_SIGNALS_EXEC, "bash",
+                             os.path.join(LAUNCH, "local_multiprocess.sh"), "3", "--workdir=w"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
     if interrupt:  # once every process runs (generous limits: a loaded machine is slow)
       deadline = time.time() + 60
@@ -202,7 +215,11 @@ class LaunchTest(parameterized.TestCase):
         time.sleep(0.05)
       self.assertLen(os.listdir(pids), 3, "the processes did not start within 60 s")
       proc.send_signal(interrupt)
-    _, err = proc.communicate(timeout=120)
+    try:
+      _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      self.fail(f"the launcher did not stop within 120 s (this worker: blocked signals, "
+                f"ignored signals {inherited})")
     return proc.returncode, err, logdir, pids
 
   def _assert_all_gone(self, pids: str):
