@@ -5,8 +5,8 @@ the ideal speedup τ / (1 + γK) of the decode benchmark (``ppow_jax/bench/decod
 drafter's window call and the target's verification call are each jitted on their own and run
 inside one compiled loop on a prefilled cache of the engine's size (so, as inside the engine,
 there is no host dispatch between calls). A call's cost is the loop's marginal time per call:
-loops of ``calls`` and ``3·calls`` calls are timed and their difference is divided by
-``2·calls``, so the fixed cost of starting a loop (dispatch, waking threads, refilling caches:
+loops of ``calls`` and ``3·calls`` calls are timed side by side and their difference is divided
+by ``2·calls``, so the fixed cost of starting a loop (dispatch, waking threads, refilling caches:
 several calls' worth on a CPU) is not charged to the calls. The verification cost curve times
 target calls on 1..K+1 new tokens the same way.
 """
@@ -46,7 +46,7 @@ class Looped:
 
 def marginal_fns(loops: dict[str, Looped], calls: int) -> dict[str, Callable[[], Any]]:
   """The two timed runs of each loop: ``NAME/x1`` (``calls`` calls) and ``NAME/x3``
-  (``3·calls``); ``per_call_seconds`` turns their medians into seconds per call."""
+  (``3·calls``); ``per_call_seconds`` turns their timings into seconds per call."""
   fns = {}
   for name, loop in loops.items():
     fns[f"{name}/x1"] = lambda loop=loop: loop(calls)
