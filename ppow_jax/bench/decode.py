@@ -202,6 +202,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   ar_steps = _rounds_of_longest_rows(outs["ar"])
   # what the isolated calls predict, relative to the engine's own AR step
   round_s = gamma["draft_window_s"] + gamma["verify_s"]
+  ar_step_engine_s = (med["ar"] - med["ar/prompt"]) / ar_steps  # without the prompt pass
   extra = {}
   if opts.tree:
     tstats = collected["tree"][1].summary()
@@ -243,10 +244,10 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
       "ar_step_bandwidth": timing.bandwidth_summary(
           llama.weight_bytes_per_step(target_cfg, target_params),
-          {"engine": (med["ar"] - med["ar/prompt"]) / ar_steps,
+          {"engine": ar_step_engine_s,
            "isolated": gamma["target_one_token_s"]}, opts.peak_gbs),
       "breakdown": {  # engine times without the prompt pass
-          "ar_step_in_engine_s": (med["ar"] - med["ar/prompt"]) / ar_steps,
+          "ar_step_in_engine_s": ar_step_engine_s,
           "ar_step_isolated_s": gamma["target_one_token_s"],
           "spec_round_in_engine_s": (med["spec"] - med["spec/prompt"]) / rounds_max,
           "spec_round_isolated_s": round_s,
