@@ -31,7 +31,7 @@ import jaxlib
 import jax.numpy as jnp
 from absl import logging
 
-from ppow_jax.models.gguf_convert import cache_root
+from ppow_jax.user_cache import cache_root
 
 # The rows the kernel takes (BENCHMARKS.md): from one row (an AR step) up to 48 (a batch-8
 # verification of K + 1 = 6 tokens), where XLA's matrix product on SmolLM2's shapes is as fast.

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -100,6 +101,32 @@ def missing_module_attributes(paths: list[str]) -> list[str]:
   return bad
 
 
+_IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys, traceback
+package, failed = sys.argv[1], []
+names = [package] + [m.name for m in pkgutil.walk_packages(
+    importlib.import_module(package).__path__, package + ".")]
+for name in names:
+  for loaded in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+    del sys.modules[loaded]
+  try:
+    importlib.import_module(name)
+  except Exception as e:
+    failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(failed))
+"""
+
+
+def modules_failing_first(package: str, root: str) -> list[str]:
+  """``module: error`` for each module of ``package`` (under ``root``) that cannot be the first
+  of the package imported: an import cycle that other modules hide when they load first. One
+  interpreter; the package's modules are dropped before each import (third-party ones stay)."""
+  out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, package], cwd=root,
+                       capture_output=True, text=True, check=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root})
+  return [line for line in out.stdout.splitlines() if line]
+
+
 def _is_module(name: str) -> bool:
   try:
     return importlib.util.find_spec(name) is not None
@@ -118,6 +145,18 @@ class RepoTest(absltest.TestCase):
       f.write("from ppow_jax import timing\ntiming.machine_info()\ntiming.no_such_thing()\n")
     self.assertEqual([l.split(": ")[1] for l in missing_module_attributes([broken])],
                      ["ppow_jax.timing.no_such_thing"])
+
+  def test_every_module_imports_first(self):
+    self.assertEqual(modules_failing_first("ppow_jax", ROOT), [])
+    # the check finds a cycle that only one import order hides
+    with tempfile.TemporaryDirectory() as tmp:
+      os.mkdir(os.path.join(tmp, "cyc"))
+      for name, text in {"__init__.py": "", "a.py": "from cyc import b\ny = 1\n",
+                         "b.py": "from cyc.a import y\n"}.items():
+        with open(os.path.join(tmp, "cyc", name), "w") as f:
+          f.write(text)
+      self.assertEqual([line.split(":")[0] for line in modules_failing_first("cyc", tmp)],
+                       ["cyc.a"])
 
   def test_no_file_refers_outside_the_repository(self):
     hits = outside_references(ROOT, repo_files())

