@@ -28,7 +28,8 @@ RESULT_KEYS = {"batch", "ar_tokens_per_s", "spec_tokens_per_s", "tau", "tau_anal
                "measured_over_ideal", "verify_cost_curve", "greedy_identical", "breakdown",
                "ideal_cost_curve_speedup", "measured_over_ideal_cost_curve", "prompt_pass_s",
                "ar_decode_tokens_per_s", "spec_decode_tokens_per_s", "measured_decode_speedup",
-               "measured_decode_over_ideal_cost_curve", "batch_utilization"}
+               "measured_decode_over_ideal_cost_curve", "batch_utilization",
+               "measured_over_ideal_cost_curve_per_round"}
 
 
 class DecodeBenchTest(absltest.TestCase):
@@ -63,6 +64,7 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertIn("load_average", result["machine"])
     self.assertIn("prompt pass ar ", decode_table.format_table(result))
     self.assertIn("without compaction AR ", decode_table.format_table(result))
+    self.assertIn("measured ÷ ideal_cc round by round", decode_table.format_table(result))
     # the saved pair loads back, with a tokenizer of exactly vocab_size ids
     target, _ = hf.load(os.path.join(tmp, "pair", "target"))
     tok = hf.load_tokenizer(os.path.join(tmp, "pair", "drafter"))
@@ -91,6 +93,28 @@ class CostCurveIdealTest(absltest.TestCase):
     self.assertAlmostEqual(flat, tau / (1 + k * gamma), delta=1e-9 * flat)
     steep = decode.cost_curve_ideal(tau, t_one, 2.0 * t_one, gamma * t_one, k)
     self.assertAlmostEqual(steep, tau / (2.0 + k * gamma), delta=1e-9 * steep)
+
+  def test_ratio_per_round_pairs_each_round_with_its_own_calls(self):
+    tau, k, calls = 3.0, 4, 10
+    # per call: t(1) 1 ms, a window call 0.8 ms (a step 0.2 ms), verify 2 ms in round 1 and
+    # 3 ms in round 2; round 3's verify loops are hit by noise (the longer no slower)
+    verify = [2e-3, 3e-3, 2e-3]
+    secs = {"ar": [0.12, 0.13, 0.12], "spec": [0.05, 0.06, 0.05],
+            "ar/prompt": [0.02, 0.03, 0.02], "spec/prompt": [0.01, 0.02, 0.01]}
+    for name, t in {"target_one": [1e-3] * 3, "verify": verify,
+                    "draft_window": [0.8e-3] * 3}.items():
+      secs[f"isolated/{name}/x1"] = [0.004 + calls * x for x in t]
+      secs[f"isolated/{name}/x3"] = [0.005 + 3 * calls * x for x in t]
+    secs["isolated/verify/x3"][2] = secs["isolated/verify/x1"][2]
+    out = decode.ratio_per_round(secs, tau, k, calls)
+    # the 1 ms of start-up the longer loops carry beyond the shorter shifts each call by 50 µs
+    ideal = [tau * 1.05e-3 / (v + 0.05e-3 + 0.85e-3) for v in verify[:2]]
+    np.testing.assert_allclose(out["e2e"], [0.12 / 0.05 / ideal[0], 0.13 / 0.06 / ideal[1]],
+                               rtol=1e-9)
+    np.testing.assert_allclose(out["decode"], [0.10 / 0.04 / ideal[0], 0.10 / 0.04 / ideal[1]],
+                               rtol=1e-9)
+    twice = decode.ratio_per_round(secs, tau, k, calls, token_ratio=2.0)
+    np.testing.assert_allclose(twice["e2e"], 2 * np.asarray(out["e2e"]), rtol=1e-9)
 
 
 class PairTest(absltest.TestCase):

@@ -16,8 +16,10 @@ and a one-token target call; ``gamma.gamma_loops``, each looped inside one compi
 are timed in the same alternating rounds, so a drift of the machine's speed moves both sides
 of measured ÷ ideal alike; each is priced at its loop's marginal time per call (loops of
 ``--gamma_calls`` and 3× as many calls, differenced: a loop's start-up is not charged to its
-calls; an engine pays one per generation, not one per round). The verification cost curve
-(1..K+1 tokens) is measured after.
+calls; an engine pays one per generation, not one per round). Measured ÷ cost-curve ideal is also
+computed round by round (``measured_over_ideal_cost_curve_per_round``): its spread is what the
+machine's noise does to the headline ratio. The verification cost curve (1..K+1 tokens) is
+measured after.
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 ``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
 computed until the batch's longest row is done), side by side (``results[i].whole_batch``).
@@ -114,6 +116,29 @@ def cost_curve_ideal(tau: float, t_one: float, t_verify: float, t_draft: float,
   """
   return tau * t_one / (t_verify + window * t_draft)
 
+
+def ratio_per_round(secs: dict[str, list[float]], tau: float, window: int, calls: int,
+                    token_ratio: float = 1.0) -> dict[str, list[float]]:
+  """Measured ÷ cost-curve ideal in each timed round on its own (the engines' runs and the
+  isolated loops of one round are adjacent): ``e2e`` and ``decode`` (prompt passes left out).
+  The headline takes medians over rounds; the spread of these per-round ratios shows how much
+  the machine's noise moves it. A round where noise leaves a loop's marginal time, or a
+  decode-only time, non-positive gives no ratio. ``token_ratio``: the speculative engine's
+  new tokens over the AR engine's (1 when both decode the same greedy tokens)."""
+  out = {"e2e": [], "decode": []}
+  for r in range(len(secs["ar"])):
+    t = {name: (secs[f"isolated/{name}/x3"][r] - secs[f"isolated/{name}/x1"][r]) / (2 * calls)
+         for name in ("target_one", "verify", "draft_window")}
+    if min(t.values()) <= 0:
+      continue
+    ideal = cost_curve_ideal(tau, t["target_one"], t["verify"], t["draft_window"] / window,
+                             window)
+    out["e2e"].append(token_ratio * secs["ar"][r] / secs["spec"][r] / ideal)
+    ar_dec, spec_dec = (secs["ar"][r] - secs["ar/prompt"][r],
+                        secs["spec"][r] - secs["spec/prompt"][r])
+    if ar_dec > 0 and spec_dec > 0:
+      out["decode"].append(token_ratio * ar_dec / spec_dec / ideal)
+  return out
 
 
 def _rounds_of_longest_rows(outs: list) -> int:
@@ -240,6 +265,9 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "measured_decode_speedup": measured_dec,
       "measured_decode_over_ideal_cost_curve":
           measured_dec / ideal_cc if measured_dec is not None else None,
+      # the same ratios round by round (the noise of the machine; the above are of medians)
+      "measured_over_ideal_cost_curve_per_round": ratio_per_round(
+          secs, tau, k, opts.gamma_calls, n_tokens / sum(map(len, new["ar"]))),
       "verify_cost_curve": curve,
       # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
       "ar_step_bandwidth": timing.bandwidth_summary(

@@ -38,6 +38,10 @@ def format_table(result: dict) -> str:
         f"{name} {sec * 1e3:.1f} ms" for name, sec in r["prompt_pass_s"].items()) +
         "; without it AR " + _fmt(r["ar_decode_tokens_per_s"], "{:.1f}") + " tok/s, spec " +
         _fmt(r["spec_decode_tokens_per_s"], "{:.1f}") + " tok/s")
+    spread = r["measured_over_ideal_cost_curve_per_round"]
+    lines.append("  measured ÷ ideal_cc round by round (min–max): " + ", ".join(
+        f"{name} {min(v):.2f}–{max(v):.2f} ({len(v)} rounds)" if v else f"{name} n/a"
+        for name, v in spread.items()))
     b = r["breakdown"]
     lines.append(f"  engine AR step {b['ar_step_in_engine_s'] * 1e3:.3f} ms vs isolated "
                  f"{b['ar_step_isolated_s'] * 1e3:.3f} ms; engine round "
