@@ -23,7 +23,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from ppow_jax.models import llama
+from ppow_jax.models import kv_cache
 
 Array = jax.Array
 
@@ -34,7 +34,7 @@ class LoopState:
   n_B: Array  # committed tokens per row (the last one pending in the target cache)
   done_B: Array
   prompt_len_B: Array
-  target_cache: llama.KVCache
+  target_cache: kv_cache.KVCache
   draft_state: Any  # the drafter's (None for AR)
   rng: Array
   stats: Any  # engine.Stats: per-row fields end in _B, the others are batch-wide sums

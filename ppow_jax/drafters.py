@@ -33,14 +33,14 @@ import jax.numpy as jnp
 
 from ppow_jax import sampling
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, eagle3_io, hf, llama
+from ppow_jax.models import eagle3, eagle3_io, hf, kv_cache, llama
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
 class DraftState:
-  cache: llama.KVCache
+  cache: kv_cache.KVCache
   hidden_BxE: Optional[Array] = None  # EAGLE-3: output of the last synced entry
   logits_BxV: Optional[Array] = None  # EAGLE-3: target-vocab logits of that entry
 

@@ -26,7 +26,7 @@ import numpy as np
 from ppow_jax import acceptance, decode_loop, sampling, sharding
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.models import llama
+from ppow_jax.models import decode_weights, kv_cache, llama
 
 Array = jax.Array
 
@@ -189,7 +189,7 @@ def prompt_pass(target_cfg: llama.ModelConfig, drafter: Optional[Drafter], cfg: 
   return buffer_BxN, tcache, dstate
 
 
-def run_loop(body, buffer_BxN: Array, prompt_len_B: Array, target_cache: llama.KVCache,
+def run_loop(body, buffer_BxN: Array, prompt_len_B: Array, target_cache: kv_cache.KVCache,
              draft_state, rng: Array, stats: Stats, cfg: DecodeConfig) -> GenerateOutput:
   """Rounds of ``body`` from the prompt pass's state until every row is done
   (``decode_loop.run``, compacting the batch when ``cfg.compact_rows``)."""
@@ -200,7 +200,7 @@ def run_loop(body, buffer_BxN: Array, prompt_len_B: Array, target_cache: llama.K
   return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
 
 
-def verify(target: llama.Decoder, target_params, cache: llama.KVCache, pending_B: Array,
+def verify(target: llama.Decoder, target_params, cache: kv_cache.KVCache, pending_B: Array,
            draft_BxK: Array, hidden_layers: tuple = ()) -> llama.DecoderOutput:
   """One target pass over [pending, d_1..d_K]; logits[:, i] is p for the token after input i.
 
@@ -378,7 +378,7 @@ class Engine:
 
 
 def decoding_params(params):
-  """``params`` with fused projections (``llama.fuse_projections``) when every array is a host
+  """``params`` with fused projections (``decode_weights.fuse_projections``) when every array is a host
   array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a 2-core
   CPU (BENCHMARKS.md), placed on the device (host arrays would be copied in at every call).
   Sharded params come back as they are, their sharding rules naming the separate
@@ -388,7 +388,7 @@ def decoding_params(params):
                                                   and len(x.sharding.device_set) == 1)
   if params is None or not all(local(x) for x in leaves):
     return params
-  return jax.device_put(llama.fuse_projections(params))
+  return jax.device_put(decode_weights.fuse_projections(params))
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 16,

@@ -23,7 +23,7 @@ import numpy as np
 from ppow_jax import engine, sampling, timing
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.models import llama
+from ppow_jax.models import kv_cache, llama
 
 
 class Looped:
@@ -77,7 +77,7 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> np.nd
 
 @dataclasses.dataclass
 class _Prefilled:
-  target_cache: llama.KVCache
+  target_cache: kv_cache.KVCache
   draft_state: Any
   buffer_BxN: Any
   n_B: Any  # committed tokens per row, the last one pending

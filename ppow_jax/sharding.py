@@ -40,14 +40,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, llama
+from ppow_jax.models import eagle3, kv_cache, llama
 
 MeshAxis = Union[None, str, tuple]
 Rules = tuple  # of (logical_name, MeshAxis)
 
 # Logical names of activations (llama.py, eagle3.py) and of the KV cache (``CACHE_AXES``).
 ACTIVATION_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
-# Logical axes of one layer's keys (or values) in the KV cache; llama.KVCache stores them
+# Logical axes of one layer's keys (or values) in the KV cache; kv_cache.KVCache stores them
 # with batch and kv_heads merged into one axis (the memory plan sizes them by these axes).
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 DRAFTER_PARAM_MODES = ("fsdp", "replicated")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ppow_jax.drafters import DraftState, Drafter, Eagle3FeatureDrafter, LMDrafter
-from ppow_jax.models import eagle3, llama
+from ppow_jax.models import eagle3, kv_cache, llama
 
 Array = jax.Array
 
@@ -35,7 +35,7 @@ def next_token_mask(loss_mask_BxT: Array) -> Array:
 class TargetPass:
   logp_BxTxV: Array  # log p for token t+1 at index t (the target's shifted prediction)
   hidden: tuple  # EAGLE-3 feature layers, each [B, T, Et]
-  cache: llama.KVCache  # prefix cache, T valid entries per row, room for rollout blocks
+  cache: kv_cache.KVCache  # prefix cache, T valid entries per row, room for rollout blocks
 
 
 def target_pass(target_cfg: llama.ModelConfig, target_params, tokens_BxT: Array,
@@ -56,7 +56,7 @@ class DrafterPass:
   """Step-0 teacher-forced drafter outputs, aligned like the target (index t -> x_{t+1})."""
   logits_BxTxV: Array  # target-vocab draft logits; rows with no prediction are junk
   valid_T: Array  # bool: index t has a drafter prediction for x_{t+1}
-  cache: llama.KVCache
+  cache: kv_cache.KVCache
   hidden_BxTxE: Optional[Array]  # EAGLE-3: output hidden at entry t-1 (feeds drafting)
 
 

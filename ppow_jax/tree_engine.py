@@ -29,7 +29,7 @@ from ppow_jax import decode_loop, engine, sampling, tree
 from ppow_jax.drafters import Drafter, Eagle3FeatureDrafter, LMDrafter
 from ppow_jax.engine import DecodeConfig, GenerateOutput, Stats
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, llama
+from ppow_jax.models import eagle3, kv_cache, llama
 
 Array = jax.Array
 
@@ -47,7 +47,7 @@ def tree_attention_mask(anc_BxTxF: Array, base_B: Array, num_slots: int) -> Arra
   return (s_S[None, None, :] < base_B[:, None, None]) | tree_BxTxS
 
 
-def verify_tree(target: llama.Decoder, target_params, cache: llama.KVCache, t: tree.Tree,
+def verify_tree(target: llama.Decoder, target_params, cache: kv_cache.KVCache, t: tree.Tree,
                 n_B: Array, hidden_layers: tuple = ()) -> llama.DecoderOutput:
   """One target pass over all N + 1 nodes; logits[:, i] is p for the token after node i.
 
@@ -61,8 +61,8 @@ def verify_tree(target: llama.Decoder, target_params, cache: llama.KVCache, t: t
                       attn_mask_BxTxS=mask, method=llama.Decoder.forward)
 
 
-def commit_path(cache: llama.KVCache, path_BxD: Array, num_B: Array,
-                base_B: Array) -> llama.KVCache:
+def commit_path(cache: kv_cache.KVCache, path_BxD: Array, num_B: Array,
+                base_B: Array) -> kv_cache.KVCache:
   """Move the entries of the first ``num`` path nodes (slots ``base + node``) to
   ``base + 1 + i``, right after the root; lengths are left to the caller."""
   b, d = path_BxD.shape

@@ -19,7 +19,7 @@ from ppow_jax import drafters, gamma, timing
 from ppow_jax.bench import compare, decode, decode_table, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
-from ppow_jax.models import eagle3, hf, llama
+from ppow_jax.models import decode_weights, eagle3, hf, llama
 
 TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
                            residual_scale=0.01)
@@ -266,7 +266,7 @@ class BandwidthTest(absltest.TestCase):
       params = llama.init_params(cfg, jax.random.PRNGKey(0))
       table = 100 * 8 * 4
       want = 4 * llama.param_count(params) - (0 if tied else table)
-      self.assertEqual(llama.weight_bytes_per_step(cfg, params), want)
+      self.assertEqual(decode_weights.weight_bytes_per_step(cfg, params), want)
 
   def test_bandwidth_summary(self):
     # 1 GB of weights: a 2 ms step reads 500 GB/s, 2.5x the 0.8 ms it takes at 1250 GB/s

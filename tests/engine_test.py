@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 
 from ppow_jax import drafters, engine
 from ppow_jax.errors import UserError
-from ppow_jax.models import eagle3, llama
+from ppow_jax.models import decode_weights, eagle3, llama
 
 TARGET = llama.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                            num_heads=4, num_kv_heads=2, max_position_embeddings=128,
@@ -126,12 +126,12 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
   def test_fused_projections_decode_the_same_tokens(self):
     drafter, dparams = make_drafter("eagle3", TARGET, SMALL, self.tp)
     cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW)
-    fused = llama.fuse_projections(self.tp)
+    fused = decode_weights.fuse_projections(self.tp)
     ar = engine.Engine(TARGET, None, cfg).generate(fused, None, self.prompts, self.lens,
                                                   jax.random.PRNGKey(0))
     self.assertEqual(ar.new_tokens(), self.ar_tokens)
     spec = engine.Engine(TARGET, drafter, cfg).generate(
-        fused, llama.fuse_projections(dparams), self.prompts, self.lens, jax.random.PRNGKey(0))
+        fused, decode_weights.fuse_projections(dparams), self.prompts, self.lens, jax.random.PRNGKey(0))
     self.assertEqual(spec.new_tokens(), self.ar_tokens)
 
   def test_decoding_params_fuse_local_weights_and_leave_sharded_ones(self):

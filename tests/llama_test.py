@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax import cpu_gemv
-from ppow_jax.models import llama
+from ppow_jax.models import decode_weights, llama
 
 CFG = llama.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3,
                         num_heads=4, num_kv_heads=2, rope_theta=5e5, initializer_range=0.3,
@@ -130,7 +130,7 @@ class CacheTest(absltest.TestCase):
     self.assertGreater(agree, 0.9)
 
   def test_fused_projections_compute_the_same_logits_and_cache(self):
-    fused = llama.fuse_projections(self.params)
+    fused = decode_weights.fuse_projections(self.params)
     attn, mlp = fused["layers_0"]["self_attn"], fused["layers_0"]["mlp"]
     self.assertNotIn("q_proj", attn)
     self.assertNotIn("gate_proj", mlp)
@@ -163,7 +163,7 @@ class CacheTest(absltest.TestCase):
     tied = dataclasses.replace(CFG, tie_embeddings=True)
     for cfg, params in ((CFG, self.params), (tied, llama.init_params(tied, jax.random.PRNGKey(3)))):
       with self.subTest(tie_embeddings=cfg.tie_embeddings):
-        fused = llama.fuse_projections(params)
+        fused = decode_weights.fuse_projections(params)
         fwd = _forward(cfg)
         prefix, step = self.tokens[:, :12], self.tokens[:, 12:13]
         full = jax.jit(lambda p, t: llama.Decoder(cfg).apply({"params": p}, t))(params,

@@ -46,7 +46,7 @@ from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
 from ppow_jax.gamma import (gamma_loops, gamma_summary, marginal_fns, per_call_seconds,
                             random_prompts, verify_cost_curve)
-from ppow_jax.models import gguf_convert, llama
+from ppow_jax.models import decode_weights, gguf_convert
 
 FLAGS = flags.FLAGS
 
@@ -271,7 +271,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
       "verify_cost_curve": curve,
       # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
       "ar_step_bandwidth": timing.bandwidth_summary(
-          llama.weight_bytes_per_step(target_cfg, target_params),
+          decode_weights.weight_bytes_per_step(target_cfg, target_params),
           {"engine": ar_step_engine_s,
            "isolated": gamma["target_one_token_s"]}, opts.peak_gbs),
       "breakdown": {  # engine times without the prompt pass

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax.errors import UserError
-from ppow_jax.models import llama
+from ppow_jax.models import kv_cache, llama
 
 Array = jax.Array
 
@@ -149,8 +149,8 @@ class Eagle3Drafter(nn.Module):
     return nn.with_logical_constraint(x_BxTx3Et @ self.fc.astype(dt), ("batch", "length", "embed"))
 
   def step(self, embeds_BxTxE: Array, hidden_BxTxE: Array, positions_BxT: Optional[Array] = None,
-           *, cache: Optional[llama.KVCache] = None, attn_mask_BxTxS: Optional[Array] = None
-           ) -> tuple[Array, Array, Optional[llama.KVCache]]:
+           *, cache: Optional[kv_cache.KVCache] = None, attn_mask_BxTxS: Optional[Array] = None
+           ) -> tuple[Array, Array, Optional[kv_cache.KVCache]]:
     """One midlayer pass over T slots per row -> (out_hidden pre-norm, draft logits f32, cache).
 
     Cache semantics are llama.py's: row b's slots are written at ``cache.lengths_B[b] + t`` and

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax import cpu_gemv
+from ppow_jax.models.kv_cache import KVCache, write_rows
 
 Array = jax.Array
 
@@ -98,37 +99,6 @@ class ModelConfig:
     """Hidden-state indices EAGLE-3 fuses: the inputs of layers {2, L//2, L-3}."""
     num_layers = self.num_layers
     return (min(2, num_layers), num_layers // 2, max(num_layers - 3, 0))
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Preallocated keys and values, one ``[B·KV, S, D]`` array per layer (row b's KV heads
-  are rows ``b·KV .. b·KV + KV - 1``), and each row's number of valid positions.
-
-  This layout lets XLA write each layer's new entries in place and feed the attention dots
-  without copies: a stacked ``[L, ...]`` array is copied whole when a slice of it is
-  updated inside a loop, and a ``[B, KV, S, D]`` array is copied when the dot merges its
-  batch and head axes. Rolling back a row after a rejected draft is just lowering
-  ``lengths_B``: stale entries past a row's length are masked out and overwritten later.
-  """
-  k_BKxSxD: tuple  # one [B * KV, S, D] array per layer
-  v_BKxSxD: tuple
-  lengths_B: Array  # int32
-
-  @property
-  def max_length(self) -> int:
-    return self.k_BKxSxD[0].shape[1]
-
-  def take_rows(self, rows_N: Array, lengths_N: Array) -> "KVCache":
-    """A cache of the given batch rows (with new lengths), e.g. one copy per rollout chain."""
-    b = self.lengths_B.shape[0]
-
-    def take(x_BKxSxD):
-      _, s, d = x_BKxSxD.shape
-      x_BxKxSxD = x_BKxSxD.reshape(b, -1, s, d)
-      return jnp.take(x_BxKxSxD, rows_N, axis=0).reshape(-1, s, d)
-
-    return KVCache(tuple(map(take, self.k_BKxSxD)), tuple(map(take, self.v_BKxSxD)), lengths_N)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
@@ -213,22 +183,6 @@ def attention_mask(q_pos_BxT: Array, kv_len: int, sliding_window: int) -> Array:
   return mask
 
 
-def _write_rows(cache_BKxSxD: Array, new_BxTxKxD: Array, start_B: Array) -> Array:
-  """Row b's T new entries into slots ``start_B[b] .. + T`` (no host round-trip).
-
-  One scatter (a dynamic-update-slice for a single row), which XLA performs in place when
-  the cache is a loop carry or a donated argument. Slots past the end are dropped.
-  """
-  b, t, kv, _ = new_BxTxKxD.shape
-  new_BxKxTxD = new_BxTxKxD.astype(cache_BKxSxD.dtype).transpose(0, 2, 1, 3)
-  if b == 1:
-    start = jnp.minimum(start_B[0], cache_BKxSxD.shape[1] - t)
-    return jax.lax.dynamic_update_slice(cache_BKxSxD, new_BxKxTxD[0], (0, start, 0))
-  rows_BxKx1 = (jnp.arange(b)[:, None] * kv + jnp.arange(kv)[None, :])[:, :, None]
-  slots_Bx1xT = (start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :])[:, None, :]
-  return cache_BKxSxD.at[rows_BxKx1, slots_Bx1xT].set(new_BxKxTxD, mode="drop")
-
-
 def _matmul(x_BxTxE: Array, w_ExN: Array, preferred_element_type=None) -> Array:
   """``[B, T, E] @ [E, N]`` as one 2-D matmul (XLA's CPU backend fuses these best)."""
   b, t, e = x_BxTxE.shape
@@ -288,8 +242,8 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       lengths_B = cache.lengths_B
-      k_all = _write_rows(cache.k_BKxSxD[layer], k_BxTxKxD, lengths_B)
-      v_all = _write_rows(cache.v_BKxSxD[layer], v_BxTxKxD, lengths_B)
+      k_all = write_rows(cache.k_BKxSxD[layer], k_BxTxKxD, lengths_B)
+      v_all = write_rows(cache.v_BKxSxD[layer], v_BxTxKxD, lengths_B)
       replace = lambda xs, x: xs[:layer] + (x,) + xs[layer + 1:]
       new_cache = cache.replace(k_BKxSxD=replace(cache.k_BKxSxD, k_all),
                                 v_BKxSxD=replace(cache.v_BKxSxD, v_all))
@@ -448,49 +402,6 @@ def init_params(cfg: ModelConfig, rng: Array) -> dict:
   # one compiled program (an eager init compiles each of its hundreds of ops on its own)
   init = jax.jit(lambda key: Decoder(cfg).init(key, jnp.zeros((1, 2), jnp.int32)))
   return nn.unbox(init(rng)["params"])
-
-
-def fuse_projections(params: dict) -> dict:
-  """The same weights for decoding with fewer, larger matmuls, stored output-major (``[out,
-  in]``, each output a dot product of one contiguous row, as ``cpu_gemv``'s kernel reads
-  them): in every attention block ``q_proj``/``k_proj``/``v_proj`` become one ``qkv_proj_t``
-  ``[(H + 2 KV) * D, E]`` and ``o_proj`` becomes ``o_proj_t`` ``[E, H * D]``; in every MLP
-  ``gate_proj``/``up_proj`` become one ``gate_up_proj_t`` ``[2 M, E]`` (rows in that order)
-  and ``down_proj`` becomes ``down_proj_t`` ``[E, M]``; a decoder's untied ``lm_head``
-  becomes ``lm_head_t`` ``[V, E]`` (a tied head reads the embedding table, already
-  ``[V, E]``). The modules read either layout; a
-  batch-1 decode step streams every weight once, and on a CPU fewer, contiguous products
-  stream them faster (BENCHMARKS.md). Concatenates once, outside any jitted step: meant for
-  unsharded inference copies of the weights (training keeps the separate layout)."""
-  def walk(node):
-    if not isinstance(node, dict):
-      return node
-    out = {k: walk(v) for k, v in node.items()}
-    if all(k in out for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
-      q, k, v = (out.pop(n) for n in ("q_proj", "k_proj", "v_proj"))
-      qkv = jnp.concatenate([w.reshape(w.shape[0], -1) for w in (q, k, v)], axis=1)
-      out["qkv_proj_t"] = jnp.transpose(qkv)
-      o = out.pop("o_proj")
-      out["o_proj_t"] = jnp.transpose(o.reshape(-1, o.shape[-1]))
-    if all(k in out for k in ("gate_proj", "up_proj", "down_proj")):
-      gate_up = jnp.concatenate([out.pop("gate_proj"), out.pop("up_proj")], axis=1)
-      out["gate_up_proj_t"] = jnp.transpose(gate_up)
-      out["down_proj_t"] = jnp.transpose(out.pop("down_proj"))
-    return out
-  out = walk(params)
-  if isinstance(out, dict) and all(k in out for k in ("embed_tokens", "layers_0", "lm_head")):
-    out["lm_head_t"] = jnp.transpose(out.pop("lm_head"))  # a Decoder's own head only
-  return out
-
-
-def weight_bytes_per_step(target_cfg, target_params) -> int:
-  """Bytes of target weights that one decode step reads: every parameter but the embedding
-  table, of which a step gathers a few rows (unless the LM head is tied to it)."""
-  total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(target_params))
-  if not target_cfg.tie_embeddings:
-    table = target_params["embed_tokens"]
-    total -= table.size * table.dtype.itemsize
-  return int(total)
 
 
 def param_count(params) -> int:
