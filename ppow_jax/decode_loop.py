@@ -5,7 +5,7 @@ loop a finished row still costs its share of every later round; with ``compact=T
 loop runs in phases of halving batch size: when at most half of the rows are still active,
 they are gathered (with their caches and drafter state) into a batch of half the size, and
 the finished rows' results are put aside. Sizes are static (each phase compiles its own
-``lax.while_loop``): ``b, b/2, ...`` down to 4 rows. Every row's tokens, length and
+``lax.while_loop``): ``b, b/2, ...`` down to ``min_rows`` (4 by default). Every row's tokens, length and
 per-row statistics come back in the original order; batch-wide sums (α by position, ...) are
 carried through.
 
@@ -40,11 +40,11 @@ class LoopState:
   stats: Any  # engine.Stats: per-row fields end in _B, the others are batch-wide sums
 
 
-def phase_sizes(batch: int, compact: bool) -> list[int]:
-  """Batch sizes of the loop's phases: halving down to 4 rows (one phase without compaction);
-  below that a phase's compile costs more than the rows it leaves out save."""
+def phase_sizes(batch: int, compact: bool, min_rows: int = 4) -> list[int]:
+  """Batch sizes of the loop's phases: halving down to ``min_rows`` rows (one phase without
+  compaction). Each size compiles its own loop."""
   sizes = [batch]
-  while compact and sizes[-1] // 2 >= 4:
+  while compact and sizes[-1] // 2 >= min_rows:
     sizes.append(sizes[-1] // 2)
   return sizes
 
@@ -71,11 +71,11 @@ def take_rows(s: LoopState, rows_N: Array) -> LoopState:
 
 
 def run(body: Callable[[LoopState], LoopState], init: LoopState,
-        compact: bool) -> tuple[Array, Array, Any]:
+        compact: bool, min_rows: int = 4) -> tuple[Array, Array, Any]:
   """Rounds of ``body`` until every row is done: ``(buffer_BxN, n_B, stats)`` of every row in
   the original order. ``stats.row_slots`` counts the rows each round computed."""
   batch = init.n_B.shape[0]
-  sizes = phase_sizes(batch, compact)
+  sizes = phase_sizes(batch, compact, min_rows)
 
   def counted(s: LoopState) -> LoopState:
     out = body(s)

@@ -4,7 +4,8 @@ Everything per round is array ops on the whole batch: rows accept different numb
 tokens, and each row's committed length, target-cache length and drafter state move by their
 own amounts without a host round-trip. A row stops at EOS or at ``max_new_tokens``; the loop
 (``decode_loop``: ``lax.while_loop``s) ends when every row has stopped; finished rows leave
-the batch as it shrinks by halves (``DecodeConfig.compact_rows``).
+the batch as it shrinks by halves (``DecodeConfig.compact_rows``, down to
+``compact_min_rows``).
 
 Accounting (docs/protocol.md): a verification round commits ``a + 1`` tokens (fewer only when EOS
 or the token budget cuts it). τ = Σ committed / Σ verification rounds. The prompt pass only
@@ -42,6 +43,7 @@ class DecodeConfig:
   # gather the active rows into a half-size batch whenever at most half are active
   # (decode_loop.py): finished rows stop costing
   compact_rows: bool = True
+  compact_min_rows: int = 4  # the smallest batch it shrinks to (each size compiles a loop)
 
   def __post_init__(self):
     if self.window < 1:
@@ -52,6 +54,8 @@ class DecodeConfig:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.max_new_tokens < 1:
       raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.compact_min_rows < 1:
+      raise UserError(f"compact_min_rows must be >= 1, got {self.compact_min_rows}")
     if self.prefill_chunk < 0:
       raise UserError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
 
@@ -196,7 +200,8 @@ def run_loop(body, buffer_BxN: Array, prompt_len_B: Array, target_cache: kv_cach
   b = prompt_len_B.shape[0]
   init = decode_loop.LoopState(buffer_BxN, prompt_len_B, jnp.zeros((b,), bool), prompt_len_B,
                                target_cache, draft_state, rng, stats)
-  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows)
+  buffer_BxN, n_B, stats = decode_loop.run(body, init, cfg.compact_rows,
+                                           cfg.compact_min_rows)
   return GenerateOutput(buffer_BxN, prompt_len_B, n_B, stats)
 
 

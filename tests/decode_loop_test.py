@@ -29,6 +29,8 @@ class PhaseSizesTest(absltest.TestCase):
     self.assertEqual(decode_loop.phase_sizes(8, True), [8, 4])
     self.assertEqual(decode_loop.phase_sizes(7, True), [7])
     self.assertEqual(decode_loop.phase_sizes(16, False), [16])
+    self.assertEqual(decode_loop.phase_sizes(8, True, min_rows=1), [8, 4, 2, 1])
+    self.assertEqual(decode_loop.phase_sizes(6, True, min_rows=2), [6, 3])
 
 
 class CompactionTest(absltest.TestCase):
@@ -49,9 +51,9 @@ class CompactionTest(absltest.TestCase):
     cls.eos = first_seen.most_common(1)[0][0]
     cls.want = [row[:row.index(cls.eos) + 1] if cls.eos in row else row for row in ar]
 
-  def _generate(self, make, dparams, compact: bool):
+  def _generate(self, make, dparams, compact: bool, min_rows: int = 4):
     cfg = engine.DecodeConfig(window=3, max_new_tokens=MAX_NEW, eos_ids=(self.eos,),
-                              compact_rows=compact)
+                              compact_rows=compact, compact_min_rows=min_rows)
     return make(cfg).generate(self.tp, dparams, self.prompts, self.lens, jax.random.PRNGKey(0))
 
   def test_engines_give_the_same_rows_with_fewer_row_rounds(self):
@@ -73,13 +75,17 @@ class CompactionTest(absltest.TestCase):
     for name, (make, dparams) in makers.items():
       with self.subTest(engine=name):
         whole, compact = (self._generate(make, dparams, c) for c in (False, True))
+        # down to a single row (the drafter state with the most parts, and the tree's)
+        to_one = (self._generate(make, dparams, True, min_rows=1)
+                  if name in ("chain-eagle3", "tree") else None)
         self.assertEqual(whole.new_tokens(), self.want)  # greedy: the AR tokens, EOS included
-        self.assertEqual(compact.new_tokens(), self.want)
-        np.testing.assert_array_equal(compact.length_B, whole.length_B)
-        for field in ("verify_calls_B", "drafted_B", "accepted_B", "committed_B",
-                      "accepted_at_K", "reached_at_K", "alpha_sum_K", "tau_analytic_sum"):
-          np.testing.assert_array_equal(getattr(compact.stats, field),
-                                        getattr(whole.stats, field), err_msg=field)
+        for out in (compact, to_one) if to_one is not None else (compact,):
+          self.assertEqual(out.new_tokens(), self.want)
+          np.testing.assert_array_equal(out.length_B, whole.length_B)
+          for field in ("verify_calls_B", "drafted_B", "accepted_B", "committed_B",
+                        "accepted_at_K", "reached_at_K", "alpha_sum_K", "tau_analytic_sum"):
+            np.testing.assert_array_equal(getattr(out.stats, field),
+                                          getattr(whole.stats, field), err_msg=field)
         rounds_B = np.asarray(whole.stats.verify_calls_B)
         self.assertEqual(int(whole.stats.row_slots), len(PROMPTS) * rounds_B.max())
         # the loop ran its last rounds on 4 rows, not 8
@@ -87,6 +93,9 @@ class CompactionTest(absltest.TestCase):
         self.assertGreaterEqual(int(compact.stats.row_slots), rounds_B.sum())
         self.assertGreater(compact.stats.summary()["batch_utilization"],
                            whole.stats.summary()["batch_utilization"])
+        if to_one is not None:  # its last rounds ran on fewer rows still
+          self.assertLess(int(to_one.stats.row_slots), int(compact.stats.row_slots))
+          self.assertGreaterEqual(int(to_one.stats.row_slots), rounds_B.sum())
 
 
 if __name__ == "__main__":

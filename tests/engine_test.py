@@ -231,6 +231,8 @@ class BadInputTest(absltest.TestCase):
       engine.DecodeConfig(temperature=-0.5)
     with self.assertRaisesRegex(UserError, "prefill_chunk must be >= 0, got -1"):
       engine.DecodeConfig(prefill_chunk=-1)
+    with self.assertRaisesRegex(UserError, "compact_min_rows must be >= 1, got 0"):
+      engine.DecodeConfig(compact_min_rows=0)
 
   def test_vocab_mismatch(self):
     other = llama.ModelConfig(vocab_size=65, hidden_size=16, intermediate_size=32, num_layers=1,
