@@ -5,9 +5,9 @@ loop a finished row still costs its share of every later round; with ``compact=T
 loop runs in phases of halving batch size: when at most half of the rows are still active,
 they are gathered (with their caches and drafter state) into a batch of half the size, and
 the finished rows' results are put aside. Sizes are static (each phase compiles its own
-``lax.while_loop``): ``b, b/2, ...`` down to ``min_rows`` (4 by default). Every row's tokens, length and
-per-row statistics come back in the original order; batch-wide sums (α by position, ...) are
-carried through.
+``lax.while_loop``): ``b, b/2, ...`` down to ``min_rows`` (4 by default). Every row's tokens,
+length and per-row statistics come back in the original order; batch-wide sums (α by
+position, ...) are carried through.
 
 The loop state's per-row arrays are its fields with a leading batch axis (names ending in
 ``_B`` in ``Stats``, as ``evaluate`` merges them); KV caches hold a row's heads in adjacent

@@ -383,9 +383,10 @@ class Engine:
 
 
 def decoding_params(params):
-  """``params`` with fused projections (``decode_weights.fuse_projections``) when every array is a host
-  array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a 2-core
-  CPU (BENCHMARKS.md), placed on the device (host arrays would be copied in at every call).
+  """``params`` with fused projections (``decode_weights.fuse_projections``) when every array is
+  a host array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a
+  2-core CPU (BENCHMARKS.md), placed on the device (host arrays would be copied in at every
+  call).
   Sharded params come back as they are, their sharding rules naming the separate
   projections."""
   leaves = jax.tree_util.tree_leaves(params)

@@ -54,19 +54,24 @@ def marginal_fns(loops: dict[str, Looped], calls: int) -> dict[str, Callable[[],
   return fns
 
 
+def paired_call_seconds(seconds: dict[str, list[float]], calls: int) -> dict[str, np.ndarray]:
+  """Marginal seconds per call of each loop timed by ``marginal_fns`` in each round on its
+  own (``seconds``: each run's time, the two runs of a round adjacent): ``(t(3c) - t(c)) /
+  2c``, so a slow drift of the machine cancels within each pair; noise can leave it <= 0."""
+  return {key[:-3]: (np.asarray(seconds[f"{key[:-3]}/x3"]) - np.asarray(seconds[key]))
+                    / (2 * calls)
+          for key in seconds if key.endswith("/x1")}
+
+
 def per_call_seconds(seconds: dict[str, list[float]], calls: int) -> dict[str, float]:
-  """Marginal seconds per call of each loop timed by ``marginal_fns`` (``seconds``: each
-  run's time, the two runs of a round adjacent): the median over rounds of ``(t(3c) - t(c))
-  / 2c``, so a slow drift of the machine cancels within each pair. Where noise makes the
-  longer run no slower, the longer run's median per call (an upper bound: it carries a third
-  of the start-up cost) stands in."""
+  """Marginal seconds per call of each loop timed by ``marginal_fns``: the median over rounds
+  of ``paired_call_seconds``. Where noise makes the longer run no slower, the longer run's
+  median per call (an upper bound: it carries a third of the start-up cost) stands in."""
   out = {}
-  for key in seconds:
-    if key.endswith("/x1"):
-      name = key[:-3]
-      short, long = np.asarray(seconds[key]), np.asarray(seconds[f"{name}/x3"])
-      diff = float(np.median(long - short))
-      out[name] = diff / (2 * calls) if diff > 0 else float(np.median(long)) / (3 * calls)
+  for name, paired in paired_call_seconds(seconds, calls).items():
+    per_call = float(np.median(paired))
+    out[name] = (per_call if per_call > 0
+                 else float(np.median(seconds[f"{name}/x3"])) / (3 * calls))
   return out
 
 

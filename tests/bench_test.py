@@ -102,18 +102,20 @@ class CostCurveIdealTest(absltest.TestCase):
     secs = {"ar": [0.12, 0.13, 0.12], "spec": [0.05, 0.06, 0.05],
             "ar/prompt": [0.02, 0.03, 0.02], "spec/prompt": [0.01, 0.02, 0.01]}
     for name, t in {"target_one": [1e-3] * 3, "verify": verify,
-                    "draft_window": [0.8e-3] * 3}.items():
+                    "draft_window": [0.8e-3] * 3, "draft_one": [0.3e-3] * 3}.items():
       secs[f"isolated/{name}/x1"] = [0.004 + calls * x for x in t]
       secs[f"isolated/{name}/x3"] = [0.005 + 3 * calls * x for x in t]
     secs["isolated/verify/x3"][2] = secs["isolated/verify/x1"][2]
-    out = decode.ratio_per_round(secs, tau, k, calls)
+    paired = gamma.paired_call_seconds(
+        {name[len("isolated/"):]: sec for name, sec in secs.items() if "/x" in name}, calls)
+    out = decode.ratio_per_round(secs, paired, tau, k, {"ar": 10, "spec": 10})
     # the 1 ms of start-up the longer loops carry beyond the shorter shifts each call by 50 µs
     ideal = [tau * 1.05e-3 / (v + 0.05e-3 + 0.85e-3) for v in verify[:2]]
     np.testing.assert_allclose(out["e2e"], [0.12 / 0.05 / ideal[0], 0.13 / 0.06 / ideal[1]],
                                rtol=1e-9)
     np.testing.assert_allclose(out["decode"], [0.10 / 0.04 / ideal[0], 0.10 / 0.04 / ideal[1]],
                                rtol=1e-9)
-    twice = decode.ratio_per_round(secs, tau, k, calls, token_ratio=2.0)
+    twice = decode.ratio_per_round(secs, paired, tau, k, {"ar": 10, "spec": 20})
     np.testing.assert_allclose(twice["e2e"], 2 * np.asarray(out["e2e"]), rtol=1e-9)
 
 

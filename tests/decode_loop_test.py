@@ -79,7 +79,7 @@ class CompactionTest(absltest.TestCase):
         to_one = (self._generate(make, dparams, True, min_rows=1)
                   if name in ("chain-eagle3", "tree") else None)
         self.assertEqual(whole.new_tokens(), self.want)  # greedy: the AR tokens, EOS included
-        for out in (compact, to_one) if to_one is not None else (compact,):
+        for out in [compact] if to_one is None else [compact, to_one]:
           self.assertEqual(out.new_tokens(), self.want)
           np.testing.assert_array_equal(out.length_B, whole.length_B)
           for field in ("verify_calls_B", "drafted_B", "accepted_B", "committed_B",

@@ -131,7 +131,8 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
                                                   jax.random.PRNGKey(0))
     self.assertEqual(ar.new_tokens(), self.ar_tokens)
     spec = engine.Engine(TARGET, drafter, cfg).generate(
-        fused, decode_weights.fuse_projections(dparams), self.prompts, self.lens, jax.random.PRNGKey(0))
+        fused, decode_weights.fuse_projections(dparams), self.prompts, self.lens,
+        jax.random.PRNGKey(0))
     self.assertEqual(spec.new_tokens(), self.ar_tokens)
 
   def test_decoding_params_fuse_local_weights_and_leave_sharded_ones(self):

@@ -102,7 +102,7 @@ def missing_module_attributes(paths: list[str]) -> list[str]:
 
 
 _IMPORT_EACH_FIRST = """
-import importlib, pkgutil, sys, traceback
+import importlib, pkgutil, sys
 package, failed = sys.argv[1], []
 names = [package] + [m.name for m in pkgutil.walk_packages(
     importlib.import_module(package).__path__, package + ".")]

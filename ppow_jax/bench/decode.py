@@ -16,10 +16,10 @@ and a one-token target call; ``gamma.gamma_loops``, each looped inside one compi
 are timed in the same alternating rounds, so a drift of the machine's speed moves both sides
 of measured ÷ ideal alike; each is priced at its loop's marginal time per call (loops of
 ``--gamma_calls`` and 3× as many calls, differenced: a loop's start-up is not charged to its
-calls; an engine pays one per generation, not one per round). Measured ÷ cost-curve ideal is also
-computed round by round (``measured_over_ideal_cost_curve_per_round``): its spread is what the
-machine's noise does to the headline ratio. The verification cost curve (1..K+1 tokens) is
-measured after.
+calls; an engine pays one per generation, not one per round). Measured ÷ cost-curve ideal
+is also computed round by round (``measured_over_ideal_cost_curve_per_round``): its spread is
+what the machine's noise does to the headline ratio. The verification cost curve (1..K+1
+tokens) is measured after.
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 ``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
 computed until the batch's longest row is done), side by side (``results[i].whole_batch``).
@@ -44,8 +44,8 @@ from ppow_jax.data import benchmarks
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.drafters import Drafter
 from ppow_jax.errors import UserError
-from ppow_jax.gamma import (gamma_loops, gamma_summary, marginal_fns, per_call_seconds,
-                            random_prompts, verify_cost_curve)
+from ppow_jax.gamma import (gamma_loops, gamma_summary, marginal_fns, paired_call_seconds,
+                            per_call_seconds, random_prompts, verify_cost_curve)
 from ppow_jax.models import decode_weights, gguf_convert
 
 FLAGS = flags.FLAGS
@@ -117,27 +117,29 @@ def cost_curve_ideal(tau: float, t_one: float, t_verify: float, t_draft: float,
   return tau * t_one / (t_verify + window * t_draft)
 
 
-def ratio_per_round(secs: dict[str, list[float]], tau: float, window: int, calls: int,
-                    token_ratio: float = 1.0) -> dict[str, list[float]]:
+def ratio_per_round(secs: dict[str, list[float]], paired_calls: dict[str, np.ndarray],
+                    tau: float, window: int, new_tokens: dict[str, int]) -> dict[str, list[float]]:
   """Measured ÷ cost-curve ideal in each timed round on its own (the engines' runs and the
-  isolated loops of one round are adjacent): ``e2e`` and ``decode`` (prompt passes left out).
-  The headline takes medians over rounds; the spread of these per-round ratios shows how much
-  the machine's noise moves it. A round where noise leaves a loop's marginal time, or a
-  decode-only time, non-positive gives no ratio. ``token_ratio``: the speculative engine's
-  new tokens over the AR engine's (1 when both decode the same greedy tokens)."""
+  isolated loops of one round are adjacent; ``paired_calls``: ``gamma.paired_call_seconds``
+  of the loops): ``e2e`` and ``decode`` (prompt passes left out), the headline's formulas
+  applied to one round. The headline takes medians over rounds; the spread of these shows how
+  much the machine's noise moves it. A round where noise leaves a priced call's marginal time,
+  or a decode-only time, non-positive gives no ratio. ``new_tokens``: each engine's ("ar",
+  "spec") new tokens."""
   out = {"e2e": [], "decode": []}
   for r in range(len(secs["ar"])):
-    t = {name: (secs[f"isolated/{name}/x3"][r] - secs[f"isolated/{name}/x1"][r]) / (2 * calls)
-         for name in ("target_one", "verify", "draft_window")}
-    if min(t.values()) <= 0:
+    t = {name: float(sec[r]) for name, sec in paired_calls.items()}
+    if min(t["target_one"], t["verify"], t["draft_window"]) <= 0:
       continue
-    ideal = cost_curve_ideal(tau, t["target_one"], t["verify"], t["draft_window"] / window,
+    g = gamma_summary(t, window)
+    ideal = cost_curve_ideal(tau, g["target_one_token_s"], g["verify_s"], g["draft_step_s"],
                              window)
-    out["e2e"].append(token_ratio * secs["ar"][r] / secs["spec"][r] / ideal)
-    ar_dec, spec_dec = (secs["ar"][r] - secs["ar/prompt"][r],
-                        secs["spec"][r] - secs["spec/prompt"][r])
-    if ar_dec > 0 and spec_dec > 0:
-      out["decode"].append(token_ratio * ar_dec / spec_dec / ideal)
+    rate = {name: n / secs[name][r] for name, n in new_tokens.items()}
+    out["e2e"].append(rate["spec"] / rate["ar"] / ideal)
+    dec = {name: timing.rate_beyond(n, secs[name][r], secs[f"{name}/prompt"][r])
+           for name, n in new_tokens.items()}
+    if dec["ar"] and dec["spec"]:
+      out["decode"].append(dec["spec"] / dec["ar"] / ideal)
   return out
 
 
@@ -196,10 +198,10 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
   med = {name: float(np.median(s)) for name, s in secs.items()}
   collected = {name: evaluate.collect(outs[name]) for name in engines}
   new = {name: toks for name, (toks, _) in collected.items()}
-  n_tokens = sum(map(len, new["spec"]))
-  tps = {name: sum(map(len, new[name])) / med[name] for name in engines}
-  decode_tps = {name: timing.rate_beyond(sum(map(len, new[name])), med[name],
-                                         med[f"{name}/prompt"]) for name in timed_prompt}
+  n_new = {name: sum(map(len, toks)) for name, toks in new.items()}
+  tps = {name: n_new[name] / med[name] for name in engines}
+  decode_tps = {name: timing.rate_beyond(n_new[name], med[name], med[f"{name}/prompt"])
+                for name in timed_prompt}
   stats = collected["spec"][1].summary()
 
   isolated = {name[len("isolated/"):]: sec for name, sec in secs.items()
@@ -243,7 +245,7 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
         "compaction_speedup_spec": tps["spec"] / tps["spec/whole"],
         "greedy_identical": new["ar/whole"] == new["ar"] and new["spec/whole"] == new["spec"]}
   return {**extra,
-      "batch": batch, "num_prompts": rows, "prompt_len": prompt_len, "new_tokens": n_tokens,
+      "batch": batch, "num_prompts": rows, "prompt_len": prompt_len, "new_tokens": n_new["spec"],
       "ar_tokens_per_s": tps["ar"], "spec_tokens_per_s": tps["spec"],
       "ar_seconds": secs["ar"], "spec_seconds": secs["spec"],
       "compile_and_first_run_s": {name: compile_s[name] for name in engines},
@@ -267,7 +269,8 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
           measured_dec / ideal_cc if measured_dec is not None else None,
       # the same ratios round by round (the noise of the machine; the above are of medians)
       "measured_over_ideal_cost_curve_per_round": ratio_per_round(
-          secs, tau, k, opts.gamma_calls, n_tokens / sum(map(len, new["ar"]))),
+          secs, paired_call_seconds(isolated, opts.gamma_calls), tau, k,
+          {name: n_new[name] for name in ("ar", "spec")}),
       "verify_cost_curve": curve,
       # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
       "ar_step_bandwidth": timing.bandwidth_summary(
