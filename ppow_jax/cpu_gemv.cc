@@ -8,42 +8,15 @@
 //
 // Built on first use by ppow_jax/cpu_gemv.py (g++ -O3 -march=native) and called through the
 // XLA FFI. Portable C++17 with GCC/Clang vector extensions (AVX-512, AVX2 or NEON).
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
-typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
-typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
-
-// Halving adds (a few shuffles and adds, against 15 dependent scalar adds lane by lane).
-inline float HorizontalSum(Vec v) {
-  Half h[2];
-  std::memcpy(h, &v, sizeof(v));
-  const Half s8 = h[0] + h[1];
-  Quarter q[2];
-  std::memcpy(q, &s8, sizeof(s8));
-  const Quarter s4 = q[0] + q[1];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using ppow::HorizontalSum;
+using ppow::kLanes;
+using ppow::Vec;
 
 // Weight rows [r, r + R) against M rows of x: R * M accumulators in vector registers.
 template <int M, int R>
@@ -80,7 +53,7 @@ void Stream(const float* x, const float* w, float* y, int64_t e, int64_t n, int6
             int64_t r1) {
   constexpr int U = 4 / M > 1 ? 4 / M : 1;  // vectors of a row in flight per step
   const int64_t e_step = e / (U * kLanes) * (U * kLanes), e_vec = e / kLanes * kLanes;
-  const auto at = [](const float* p) { return *reinterpret_cast<const Vec*>(p); };
+  const auto at = ppow::Load;
   for (int64_t r = r0; r < r1; ++r) {
     const float* wr = w + r * e;
     Vec acc[U][M];
@@ -153,39 +126,19 @@ void Columns(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-// One product split into `parts` equal row ranges. The caller and the tasks it schedules on
-// XLA's intra-op thread pool claim parts from `next` until none is left, so the caller never
-// waits on a task that has not started (a busy pool only makes the caller do more parts); a
-// task that starts late finds nothing to do. Shared ownership keeps the job alive for it.
-struct Job {
-  Problem p;
-  int64_t per, parts;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void RunParts() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
-      Columns(p, i * per, std::min(p.n, (i + 1) * per));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t min_rows = 64;  // below this a hand-off costs more than it saves
-  int64_t parts = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p.n / min_rows);
+  const int64_t parts =
+      std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p.n / min_rows);
   if (parts <= 1) {
     Columns(p, 0, p.n);
     return;
   }
   // equal parts, each a multiple of 4 rows (the kernel's widest row block)
   const int64_t per = ((p.n + parts - 1) / parts + 3) / 4 * 4;
-  auto job = std::make_shared<Job>();
-  job->p = p;
-  job->per = per;
-  job->parts = (p.n + per - 1) / per;
-  for (int64_t i = 1; i < job->parts; ++i) pool.Schedule([job] { job->RunParts(); });
-  job->RunParts();
-  while (job->done.load(std::memory_order_acquire) < job->parts) CpuRelax();
+  ppow::ParallelFor(pool, (p.n + per - 1) / per, [&p, per](int64_t i) {
+    Columns(p, i * per, std::min(p.n, (i + 1) * per));
+  });
 }
 
 ffi::Error MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,

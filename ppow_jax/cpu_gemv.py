@@ -9,10 +9,11 @@ applies (CPU, float32, ``MIN_ROWS <= M <= MAX_ROWS``) and with XLA's dot otherwi
 same jitted code runs unchanged on accelerators. The kernel splits the weight rows over
 XLA's intra-op thread pool.
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``,
-``-O3 -march=native``) into ``<cache root>/kernels`` (``$PPOW_JAX_CACHE``, else
-``~/.cache/ppow_jax``). Without a compiler, or with ``PPOW_JAX_CPU_GEMV=0``, XLA's dot is
-used (a warning says why, once).
+This module also builds and loads the library that holds every CPU kernel of the package
+(this one and ``cpu_attention.cc``'s, with the ``cpu_kernels.h`` they share). It is compiled on
+first use with the system C++ compiler (``$CXX``, else ``g++``, ``-O3 -march=native``) into
+``<cache root>/kernels`` (``$PPOW_JAX_CACHE``, else ``~/.cache/ppow_jax``). Without a compiler,
+or with ``PPOW_JAX_CPU_GEMV=0``, XLA's ops are used (a warning says why, once).
 """
 
 import contextlib
@@ -38,9 +39,12 @@ from ppow_jax.user_cache import cache_root
 MIN_ROWS = 1
 MAX_ROWS = 48
 DISABLE_ENV = "PPOW_JAX_CPU_GEMV"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_attention.cc"))
+_HEADER = os.path.join(_HERE, "cpu_kernels.h")
 _TARGET = "ppow_cpu_matmul_t_f32"
-_SYMBOL = "PpowCpuMatmulTF32"
+# XLA custom-call targets and the library's symbols that implement them
+TARGETS = {_TARGET: "PpowCpuMatmulTF32", "ppow_cpu_attention_f32": "PpowCpuAttentionF32"}
 
 
 def _flags() -> list[str]:
@@ -62,16 +66,18 @@ def _cpu_id() -> str:
 
 
 def build(out_dir: Optional[str] = None) -> str:
-  """Compile the kernel (once per source, compiler, flags and jaxlib) and return the .so path.
+  """Compile the kernels (once per sources, compiler, flags and jaxlib); return the .so path.
 
   Raises ``RuntimeError`` naming the compiler and its message when it cannot be built."""
   cxx = os.environ.get("CXX") or "g++"
   if shutil.which(cxx) is None:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
+  sources = []
+  for path in (*_SOURCES, _HEADER):
+    with open(path, "rb") as f:
+      sources.append(f.read())
   key = hashlib.sha256(b"\0".join(
-      [source, cxx.encode(), " ".join(_flags()).encode(), jax.ffi.include_dir().encode(),
+      [*sources, cxx.encode(), " ".join(_flags()).encode(), jax.ffi.include_dir().encode(),
        jaxlib.__version__.encode(), _cpu_id().encode()])
   ).hexdigest()[:16]
   out_dir = out_dir or os.path.join(cache_root(), "kernels")
@@ -82,9 +88,10 @@ def build(out_dir: Optional[str] = None) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # concurrent builders each rename
   os.close(fd)
   try:
-    proc = subprocess.run([cxx, *_flags(), _SOURCE, "-o", tmp], capture_output=True, text=True)
+    proc = subprocess.run([cxx, *_flags(), *_SOURCES, "-o", tmp], capture_output=True, text=True)
     if proc.returncode != 0:
-      raise RuntimeError(f"{cxx} failed on {_SOURCE}: {proc.stderr.strip()[-2000:]}")
+      names = ", ".join(os.path.basename(x) for x in _SOURCES)
+      raise RuntimeError(f"{cxx} failed on {names}: {proc.stderr.strip()[-2000:]}")
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -94,16 +101,17 @@ def build(out_dir: Optional[str] = None) -> str:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernel is built, loaded and registered with XLA (done once per process);
+  """Whether the kernels are built, loaded and registered with XLA (done once per process);
   False, with one warning, when that is switched off or fails."""
   if os.environ.get(DISABLE_ENV, "1") == "0":
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(build())
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
-                                platform="cpu")
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
   except (RuntimeError, OSError) as e:
-    logging.warning("cpu_gemv: the C++ kernel is unavailable (%s); using XLA's dot", e)
+    logging.warning("cpu_gemv: the C++ kernels are unavailable (%s); using XLA's ops", e)
     return False
   return True
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cpu_gemv
+from ppow_jax import cpu_attention, cpu_gemv
 from ppow_jax.models.kv_cache import KVCache, write_rows
 
 Array = jax.Array
@@ -255,17 +255,12 @@ class Attention(nn.Module):
     mask_BxTxS = attn_mask_BxTxS
     if mask_BxTxS is None:
       mask_BxTxS = attention_mask(positions_BxT, s, cfg.sliding_window)
-    mask_BKxGTxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, kv, g, t, s)).reshape(
-        b * kv, g * t, s)
 
-    # one batch axis (row, KV head) for both dots: they read the cache arrays as they are
+    # one batch axis (row, KV head) for both products: they read the cache arrays as they are
     q_BKxGTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(
         b * kv, g * t, d)
-    scores = jnp.einsum("nmd,nsd->nms", q_BKxGTxD, k_BKxSxD, preferred_element_type=jnp.float32)
-    scores = scores / np.float32(math.sqrt(d))
-    scores = jnp.where(mask_BKxGTxS, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_BKxGTxD = jnp.einsum("nms,nsd->nmd", probs, v_BKxSxD)
+    out_BKxGTxD = cpu_attention.attend(q_BKxGTxD, k_BKxSxD, v_BKxSxD, mask_BxTxS,
+                                       1.0 / math.sqrt(d))
     out_BxTxHD = out_BKxGTxD.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
         b, t, h * d)
     if fused:
