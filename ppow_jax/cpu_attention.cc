@@ -1,7 +1,8 @@
-// Attention of a few query rows against a KV cache in float32, in one call: for every head n
-// and query row m, out[n, m] = softmax(scale * q[n, m] . k[n, s] over the slots s that
-// mask[b, t, s] allows) . v[n, s], with b = n / (N / B) (heads are row-major within a batch
-// row) and t = m % T (query rows are (group, token) pairs, token fastest).
+// Attention of a few query rows against a KV cache in float32, in one call. For every batch
+// row b, new token t and query head h = kv * G + g (the G query heads of KV head kv are
+// adjacent): out[b, t, h] = softmax(scale * q[b, t, h] . k[b * KV + kv, s] over the slots s that
+// mask[b, t, s] allows) . v[b * KV + kv, s]. q and out keep the projections' layout [B, T, H, D]
+// (no transposes around the call); the cache is [B * KV, S, D].
 //
 // A decode step's attention has few query rows (T new tokens times the query heads sharing a
 // KV head), and XLA's CPU backend spends far more on the score product with the cache and the
@@ -12,6 +13,7 @@
 //
 // Built into ppow_jax/cpu_gemv.py's library and called through the XLA FFI.
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -25,22 +27,14 @@ using ppow::kLanes;
 using ppow::Load;
 using ppow::Vec;
 
+
 struct Shapes {
   const float *q, *k, *v;
   const bool* mask;
   float* out;
-  int64_t n, m, s, d, b, t;
+  int64_t b, t, h, kv, s, d;  // batch rows, new tokens, query heads, KV heads, slots, head size
   float scale;
 };
-
-inline float Dot(const float* a, const float* b, int64_t d) {
-  const int64_t d_vec = d / kLanes * kLanes;
-  Vec acc{};
-  for (int64_t i = 0; i < d_vec; i += kLanes) acc += Load(a + i) * Load(b + i);
-  float sum = ppow::HorizontalSum(acc);
-  for (int64_t i = d_vec; i < d; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // out_row (d floats) += p * v_row
 inline void Axpy(float p, const float* v_row, float* out_row, int64_t d) {
@@ -78,31 +72,134 @@ inline Vec Exp(Vec x) {
   return y * scale;
 }
 
-// Every query row of head n. scores: m rows of s_pad floats (s rounded up to whole vectors;
-// a slot a row does not see keeps the lowest float, which marks it).
+// Calls f(std::integral_constant<int, C>) for a head size d of C = 1..8 whole vectors and
+// returns true; false (nothing called) for other sizes.
+template <typename F>
+bool ByVectors(int64_t d, F&& f) {
+  if (d % kLanes != 0 || d > 8 * kLanes) return false;
+  switch (d / kLanes) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+  return true;
+}
+
+// Scores of rows [0, m) against key rows [lo, hi) for a head size of C whole vectors: R query
+// rows held in vector registers, each key row loaded once per R rows.
+template <int C>
+void Keys(const Shapes& a, const float* const* q, const float* k, const float* visible,
+          float* scores, int64_t s_pad, int64_t lo, int64_t hi, int64_t m) {
+  constexpr int R = C <= 2 ? 4 : C <= 4 ? 2 : 1;
+  for (int64_t r0 = 0; r0 < m; r0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, m - r0));
+    Vec qv[R][C];
+    for (int i = 0; i < rows; ++i)
+      for (int c = 0; c < C; ++c) qv[i][c] = Load(q[r0 + i] + c * kLanes);
+    for (int64_t j = lo; j < hi; ++j) {
+      Vec kj[C];
+      for (int c = 0; c < C; ++c) kj[c] = Load(k + j * a.d + c * kLanes);
+      for (int i = 0; i < R; ++i) {
+        if (i >= rows) break;
+        const int64_t r = r0 + i;
+        if (visible[(r % a.t) * s_pad + j] == 0.0f) continue;
+        Vec acc = qv[i][0] * kj[0];
+        for (int c = 1; c < C; ++c) acc += qv[i][c] * kj[c];
+        scores[r * s_pad + j] = a.scale * ppow::HorizontalSum(acc);
+      }
+    }
+  }
+}
+
+// Scores of rows [0, m) against key rows [lo, hi), any head size, 16 slots at a time: the
+// block's key rows transposed once into kt[d][16], then a row's 16 scores are D multiply-adds
+// of its broadcast elements (no sums across lanes).
+void KeysTransposed(const Shapes& a, const float* const* q, const float* k,
+                    const float* visible, float* scores, int64_t s_pad, int64_t lo, int64_t hi,
+                    int64_t m) {
+  std::vector<float> kt(a.d * kLanes);
+  const Vec zero{}, lowest = Splat(std::numeric_limits<float>::lowest());
+  for (int64_t j0 = lo / kLanes * kLanes; j0 < hi; j0 += kLanes) {
+    const int64_t width = std::min<int64_t>(kLanes, a.s - j0);
+    for (int64_t i = 0; i < kLanes; ++i)
+      for (int64_t e = 0; e < a.d; ++e)
+        kt[e * kLanes + i] = i < width ? k[(j0 + i) * a.d + e] : 0.0f;
+    for (int64_t r = 0, t = 0; r < m; ++r, t = t + 1 == a.t ? 0 : t + 1) {
+      Vec acc{};
+      for (int64_t e = 0; e < a.d; ++e) acc += q[r][e] * Load(kt.data() + e * kLanes);
+      const Vec sc = Load(visible + t * s_pad + j0) > zero ? acc * a.scale : lowest;
+      std::memcpy(scores + r * s_pad + j0, &sc, sizeof(sc));
+    }
+  }
+}
+
+// out rows = weights . v[lo, hi) for a head size of C whole vectors: R rows at a time with
+// their R * C partial sums in vector registers, each value row loaded once per R rows.
+template <int C, typename At>
+void Values(const Shapes& a, const float* v, const float* weights, int64_t s_pad, int64_t lo,
+            int64_t hi, int64_t m, const At& at) {
+  constexpr int R = C <= 2 ? 4 : C <= 4 ? 2 : 1;
+  for (int64_t r0 = 0; r0 < m; r0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, m - r0));
+    Vec acc[R][C];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) acc[i][c] = Vec{};
+    for (int64_t j = lo; j < hi; ++j) {
+      Vec vj[C];
+      for (int c = 0; c < C; ++c) vj[c] = Load(v + j * a.d + c * kLanes);
+      for (int i = 0; i < R; ++i) {
+        if (i >= rows) break;
+        const float p = weights[(r0 + i) * s_pad + j];
+        for (int c = 0; c < C; ++c) acc[i][c] += p * vj[c];
+      }
+    }
+    for (int i = 0; i < rows; ++i)
+      std::memcpy(a.out + at(r0 + i), acc[i], sizeof(acc[i]));
+  }
+}
+
+// The m = G * T query rows of KV head n = b * KV + kv, row r = g * T + t. scores: m rows of
+// s_pad floats (s rounded up to whole vectors; a slot a row does not see keeps the lowest
+// float, which marks it).
 void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
-  const int64_t b = n / (a.n / a.b), s_pad = (a.s + kLanes - 1) / kLanes * kLanes;
+  const int64_t b = n / a.kv, kv = n % a.kv, g_size = a.h / a.kv, m = g_size * a.t;
+  const int64_t s_pad = (a.s + kLanes - 1) / kLanes * kLanes;
   const bool* mask = a.mask + b * a.t * a.s;
-  const float* q = a.q + n * a.m * a.d;
+  // where q[b, t, kv * G + g] and out[b, t, kv * G + g] start, for row r = g * T + t
+  const auto at = [&](int64_t r) {
+    return ((b * a.t + r % a.t) * a.h + kv * g_size + r / a.t) * a.d;
+  };
   const float* k = a.k + n * a.s * a.d;
   const float* v = a.v + n * a.s * a.d;
-  float* out = a.out + n * a.m * a.d;
   constexpr float kLowest = std::numeric_limits<float>::lowest();
-  scores.assign(a.m * s_pad, kLowest);
+  scores.assign(m * s_pad, kLowest);
   // the slots some query row sees: [lo, hi); each row's mask once, outside the slot loop
   int64_t lo = a.s, hi = 0;
   for (int64_t t = 0; t < a.t; ++t)
     for (int64_t j = 0; j < a.s; ++j)
       if (mask[t * a.s + j]) lo = std::min(lo, j), hi = std::max(hi, j + 1);
-  for (int64_t j = lo; j < hi; ++j) {  // each key row once, for every query row that sees it
-    const float* kj = k + j * a.d;
-    for (int64_t r = 0, t = 0; r < a.m; ++r, t = t + 1 == a.t ? 0 : t + 1)
-      if (mask[t * a.s + j]) scores[r * s_pad + j] = a.scale * Dot(q + r * a.d, kj, a.d);
-  }
+  std::vector<const float*> q(m);
+  for (int64_t r = 0; r < m; ++r) q[r] = a.q + at(r);
+  // visible[t][j]: 1 where token t sees slot j, else 0 (and past s)
+  std::vector<float> visible(a.t * s_pad, 0.0f);
+  for (int64_t t = 0; t < a.t; ++t)
+    for (int64_t j = lo; j < hi; ++j) visible[t * s_pad + j] = mask[t * a.s + j] ? 1.0f : 0.0f;
+  // few rows: each row's products with a key row summed across lanes (Keys); from about D / 4
+  // rows on, transposing the key rows once costs less than those sums (BENCHMARKS.md)
+  const auto keys = [&](auto c) {
+    Keys<decltype(c)::value>(a, q.data(), k, visible.data(), scores.data(), s_pad, lo, hi, m);
+  };
+  if (m >= std::max<int64_t>(8, a.d / 4) || !ByVectors(a.d, keys))
+    KeysTransposed(a, q.data(), k, visible.data(), scores.data(), s_pad, lo, hi, m);
   const Vec lowest = Splat(kLowest), zero{}, one = Splat(1.0f);
   const Vec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   bool blind = false;  // a row sees no slot: its uniform weights cover every slot
-  for (int64_t r = 0; r < a.m; ++r) {
+  for (int64_t r = 0; r < m; ++r) {
     float* row = scores.data() + r * s_pad;
     Vec top_v = lowest;
     for (int64_t j = 0; j < s_pad; j += kLanes) {
@@ -127,13 +224,21 @@ void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
       std::memcpy(row + j, &p, sizeof(p));
     }
   }
-  std::fill(out, out + a.m * a.d, 0.0f);
   if (blind) lo = 0, hi = a.s;
+  const auto values = [&](auto c) {
+    Values<decltype(c)::value>(a, v, scores.data(), s_pad, lo, hi, m, at);
+  };
+  if (ByVectors(a.d, values)) return;
+  std::vector<float*> out(m);  // any head size: one output row at a time in memory
+  for (int64_t r = 0; r < m; ++r) {
+    out[r] = a.out + at(r);
+    std::fill(out[r], out[r] + a.d, 0.0f);
+  }
   for (int64_t j = lo; j < hi; ++j) {  // each value row once
     const float* vj = v + j * a.d;
-    for (int64_t r = 0; r < a.m; ++r) {
+    for (int64_t r = 0; r < m; ++r) {
       const float p = scores[r * s_pad + j];
-      if (p != 0.0f) Axpy(p, vj, out + r * a.d, a.d);
+      if (p != 0.0f) Axpy(p, vj, out[r], a.d);
     }
   }
 }
@@ -143,23 +248,25 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
                   ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 ||
-      kd[0] != qd[0] || vd[0] != qd[0] || kd[2] != qd[2] || vd[2] != qd[2] || vd[1] != kd[1] ||
-      md[2] != kd[1] || md[0] < 1 || qd[0] % md[0] != 0 || md[1] < 1 || qd[1] % md[1] != 0)
+  const bool ranks = qd.size() == 4 && kd.size() == 3 && vd.size() == 3 && md.size() == 3;
+  if (!ranks || qd[0] < 1 || kd[0] % qd[0] != 0 || kd[0] < qd[0] || qd[2] % (kd[0] / qd[0]) ||
+      vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[3] || vd[2] != qd[3] || md[0] != qd[0] ||
+      md[1] != qd[1] || md[2] != kd[1])
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cpu_attention: want q[N, M, D], k and v[N, S, D], mask[B, T, S] with "
-                      "B dividing N and T dividing M");
+                      "cpu_attention: want q[B, T, H, D], k and v[B * KV, S, D] with KV "
+                      "dividing H, mask[B, T, S]");
   const Shapes a{q.typed_data(), k.typed_data(), v.typed_data(),
                  reinterpret_cast<const bool*>(mask.typed_data()), out->typed_data(),
-                 qd[0], qd[1], kd[1], qd[2], md[0], md[1], scale};
-  // one head is a few microseconds at decode sizes: hand heads to other threads only when
-  // there is enough work for the hand-off to pay
-  const bool threads = a.n > 1 && a.n * a.m * a.s * a.d >= (int64_t{1} << 14);
+                 qd[0], qd[1], qd[2], kd[0] / qd[0], kd[1], qd[3], scale};
+  // a head is a few microseconds at decode sizes: hand heads to other threads only when there
+  // is enough work for the hand-off to pay
+  const int64_t heads = a.b * a.kv;
+  const bool threads = heads > 1 && a.b * a.t * a.h * a.s * a.d >= (int64_t{1} << 14);
   if (!threads) {
     std::vector<float> scores;
-    for (int64_t n = 0; n < a.n; ++n) Head(a, n, scores);
+    for (int64_t n = 0; n < heads; ++n) Head(a, n, scores);
   } else {
-    ppow::ParallelFor(pool, a.n, [&a](int64_t n) {
+    ppow::ParallelFor(pool, heads, [&a](int64_t n) {
       std::vector<float> scores;
       Head(a, n, scores);
     });

@@ -25,32 +25,38 @@ MAX_ROWS = 64
 _TARGET = "ppow_cpu_attention_f32"
 
 
-def reference(q_NxMxD: jax.Array, k_NxSxD: jax.Array, v_NxSxD: jax.Array,
+def reference(q_BxTxHxD: jax.Array, k_BKxSxD: jax.Array, v_BKxSxD: jax.Array,
               mask_BxTxS: jax.Array, scale: float) -> jax.Array:
-  """XLA's ops: head n = (batch row b, KV head), query row m = (group g, token t), token
-  fastest; ``mask_BxTxS[b, t, s]``: whether token t of row b sees slot s."""
-  n, m, d = q_NxMxD.shape
-  b, t, s = mask_BxTxS.shape
-  mask_NxMxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, n // b, m // t, t, s)).reshape(
-      n, m, s)
-  scores = jnp.einsum("nmd,nsd->nms", q_NxMxD, k_NxSxD, preferred_element_type=jnp.float32)
+  """XLA's ops. Query head h = kv · G + g reads KV head kv (row b · KV + kv of the cache);
+  ``mask_BxTxS[b, t, s]``: whether token t of row b sees slot s. Returns [B, T, H, D]."""
+  b, t, h, d = q_BxTxHxD.shape
+  kv, s = k_BKxSxD.shape[0] // b, k_BKxSxD.shape[1]
+  g = h // kv
+  # one batch axis (row, KV head) for both products: they read the cache arrays as they are
+  q_BKxGTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(
+      b * kv, g * t, d)
+  mask_BKxGTxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, kv, g, t, s)).reshape(
+      b * kv, g * t, s)
+  scores = jnp.einsum("nmd,nsd->nms", q_BKxGTxD, k_BKxSxD, preferred_element_type=jnp.float32)
   scores = scores * np.float32(scale)
-  scores = jnp.where(mask_NxMxS, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_NxSxD.dtype)
-  return jnp.einsum("nms,nsd->nmd", probs, v_NxSxD)
+  scores = jnp.where(mask_BKxGTxS, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKxSxD.dtype)
+  out_BKxGTxD = jnp.einsum("nms,nsd->nmd", probs, v_BKxSxD)
+  return out_BKxGTxD.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def applies(rows: int, *dtypes) -> bool:
-  """Whether ``attend`` takes the kernel on a CPU for this many query rows per head."""
+  """Whether ``attend`` takes the kernel on a CPU for this many query rows per KV head
+  (new tokens × query heads per KV head)."""
   return (rows <= MAX_ROWS and all(jnp.dtype(x) == jnp.float32 for x in dtypes)
           and cpu_gemv.available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _kernel(q_NxMxD, k_NxSxD, v_NxSxD, mask_BxTxS, scale):
-  out = jax.ShapeDtypeStruct(q_NxMxD.shape, jnp.float32)
+def _kernel(q_BxTxHxD, k_BKxSxD, v_BKxSxD, mask_BxTxS, scale):
+  out = jax.ShapeDtypeStruct(q_BxTxHxD.shape, jnp.float32)
   return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-      q_NxMxD, k_NxSxD, v_NxSxD, mask_BxTxS.astype(jnp.bool_), scale=np.float32(scale))
+      q_BxTxHxD, k_BKxSxD, v_BKxSxD, mask_BxTxS.astype(jnp.bool_), scale=np.float32(scale))
 
 
 def _kernel_fwd(q, k, v, mask, scale):
@@ -66,13 +72,16 @@ def _kernel_bwd(scale, residuals, dy):  # gradients by XLA's ops
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def attend(q_NxMxD: jax.Array, k_NxSxD: jax.Array, v_NxSxD: jax.Array, mask_BxTxS: jax.Array,
-           scale: float) -> jax.Array:
-  """``softmax(scale · q kᵀ, masked) v`` per head, as ``reference`` lays it out: the kernel on
-  a CPU when it applies (chosen when tracing; other platforms never see it), else XLA's ops."""
+def attend(q_BxTxHxD: jax.Array, k_BKxSxD: jax.Array, v_BKxSxD: jax.Array,
+           mask_BxTxS: jax.Array, scale: float) -> jax.Array:
+  """``softmax(scale · q kᵀ, masked) v`` per query head, laid out as ``reference``'s: the
+  kernel on a CPU when it applies (chosen when tracing; other platforms never see it), else
+  XLA's ops."""
   ref = functools.partial(reference, scale=scale)
-  if not applies(q_NxMxD.shape[1], q_NxMxD.dtype, k_NxSxD.dtype, v_NxSxD.dtype):
-    return ref(q_NxMxD, k_NxSxD, v_NxSxD, mask_BxTxS)
+  b, t, h, _ = q_BxTxHxD.shape
+  rows = t * h // (k_BKxSxD.shape[0] // b)
+  if not applies(rows, q_BxTxHxD.dtype, k_BKxSxD.dtype, v_BKxSxD.dtype):
+    return ref(q_BxTxHxD, k_BKxSxD, v_BKxSxD, mask_BxTxS)
   kernel = lambda q, k, v, mask: _kernel(q, k, v, mask, scale)
-  return jax.lax.platform_dependent(q_NxMxD, k_NxSxD, v_NxSxD, mask_BxTxS, cpu=kernel,
+  return jax.lax.platform_dependent(q_BxTxHxD, k_BKxSxD, v_BKxSxD, mask_BxTxS, cpu=kernel,
                                     default=ref)

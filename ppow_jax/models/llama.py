@@ -238,7 +238,6 @@ class Attention(nn.Module):
     k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
     q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
 
-    g = h // kv
     new_cache = None
     if cache is not None:
       lengths_B = cache.lengths_B
@@ -251,18 +250,12 @@ class Attention(nn.Module):
     else:
       k_BKxSxD = k_BxTxKxD.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
       v_BKxSxD = v_BxTxKxD.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
-    s = k_BKxSxD.shape[1]
     mask_BxTxS = attn_mask_BxTxS
     if mask_BxTxS is None:
-      mask_BxTxS = attention_mask(positions_BxT, s, cfg.sliding_window)
-
-    # one batch axis (row, KV head) for both products: they read the cache arrays as they are
-    q_BKxGTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(
-        b * kv, g * t, d)
-    out_BKxGTxD = cpu_attention.attend(q_BKxGTxD, k_BKxSxD, v_BKxSxD, mask_BxTxS,
+      mask_BxTxS = attention_mask(positions_BxT, k_BKxSxD.shape[1], cfg.sliding_window)
+    out_BxTxHxD = cpu_attention.attend(q_BxTxHxD, k_BKxSxD, v_BKxSxD, mask_BxTxS,
                                        1.0 / math.sqrt(d))
-    out_BxTxHD = out_BKxGTxD.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
-        b, t, h * d)
+    out_BxTxHD = out_BxTxHxD.reshape(b, t, h * d)
     if fused:
       out_BxTxE = _matmul_t(out_BxTxHD, self.get_variable("params", "o_proj_t").astype(dt))
     else:
