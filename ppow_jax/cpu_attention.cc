@@ -12,6 +12,7 @@
 // are all the lowest float does.
 //
 // Built into ppow_jax/cpu_gemv.py's library and called through the XLA FFI.
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <limits>
@@ -196,21 +197,27 @@ void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
   };
   if (m >= std::max<int64_t>(8, a.d / 4) || !ByVectors(a.d, keys))
     KeysTransposed(a, q.data(), k, visible.data(), scores.data(), s_pad, lo, hi, m);
+  // softmax over the blocks of slots [lo, hi) touches; a token that sees no slot (a padding
+  // row) gets uniform weights over every slot, and then every row's weights cover every slot
+  bool blind = false;
+  for (int64_t t = 0; t < a.t; ++t)
+    blind |= std::none_of(mask + t * a.s, mask + (t + 1) * a.s, [](bool x) { return x; });
+  if (blind) lo = 0, hi = a.s;
+  const int64_t j_lo = blind ? 0 : lo / kLanes * kLanes;
+  const int64_t j_hi = blind ? s_pad : (hi + kLanes - 1) / kLanes * kLanes;
   const Vec lowest = Splat(kLowest), zero{}, one = Splat(1.0f);
   const Vec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  bool blind = false;  // a row sees no slot: its uniform weights cover every slot
   for (int64_t r = 0; r < m; ++r) {
     float* row = scores.data() + r * s_pad;
     Vec top_v = lowest;
-    for (int64_t j = 0; j < s_pad; j += kLanes) {
+    for (int64_t j = j_lo; j < j_hi; j += kLanes) {
       const Vec x = Load(row + j);
       top_v = x > top_v ? x : top_v;
     }
     float top = kLowest;
     for (int i = 0; i < kLanes; ++i) top = std::max(top, top_v[i]);
-    blind |= top == kLowest;
     Vec total_v{};
-    for (int64_t j = 0; j < s_pad; j += kLanes) {
+    for (int64_t j = j_lo; j < j_hi; j += kLanes) {
       const Vec x = Load(row + j);
       // nothing visible (top is the lowest float): uniform weights over the s slots
       const Vec p = top == kLowest ? (Splat(float(j)) + lane < Splat(float(a.s)) ? one : zero)
@@ -219,12 +226,11 @@ void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
       total_v += p;
     }
     const float inv = 1.0f / ppow::HorizontalSum(total_v);
-    for (int64_t j = 0; j < s_pad; j += kLanes) {
+    for (int64_t j = j_lo; j < j_hi; j += kLanes) {
       const Vec p = Load(row + j) * inv;
       std::memcpy(row + j, &p, sizeof(p));
     }
   }
-  if (blind) lo = 0, hi = a.s;
   const auto values = [&](auto c) {
     Values<decltype(c)::value>(a, v, scores.data(), s_pad, lo, hi, m, at);
   };
