@@ -7,15 +7,16 @@
 // A decode step's attention has few query rows (T new tokens times the query heads sharing a
 // KV head), and XLA's CPU backend spends far more on the score product with the cache and the
 // softmax's small fusions than on reading the cache. Here each key and value row is read once
-// for all query rows of its head, and slots that no query row sees are never read. A query
+// for all query rows of its head, and the slots outside the span that the rows see are not
+// read (to whole blocks of 16 when the kernel transposes key rows). A query
 // row that sees no slot at all gets the mean of every value row, as a softmax over scores that
 // are all the lowest float does.
 //
 // Built into ppow_jax/cpu_gemv.py's library and called through the XLA FFI.
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -27,7 +28,6 @@ namespace {
 using ppow::kLanes;
 using ppow::Load;
 using ppow::Vec;
-
 
 struct Shapes {
   const float *q, *k, *v;
