@@ -21,7 +21,7 @@ from ppow_jax import cpu_gemv
 
 # Query rows per KV head up to which the kernel runs: decode steps, drafting, verification and
 # tree verification; a long prompt's chunk is a matrix product, XLA's.
-MAX_ROWS = 64
+MAX_ROWS = 128
 _TARGET = "ppow_cpu_attention_f32"
 
 

@@ -62,11 +62,11 @@ class KernelTest(absltest.TestCase):
     # (rows held in registers, blocks of rows with a ragged end), a batch-1 verification of 6
     # tokens with the synthetic pair's heads (12 rows: key rows transposed), a batch of 2 with
     # T = 5 and no grouping, heads whose D has a vector tail (20) or is below one vector (8),
-    # and the most rows per KV head the kernel takes (G T = 64)
+    # and the most rows per KV head the kernel takes (G T = 128: a 32-node tree)
     cases = [(1, 1, 9, 3, 97, 64), (2, 3, 4, 2, 50, 32), (1, 2, 2, 1, 30, 128),
              (1, 6, 8, 4, 70, 32), (2, 5, 4, 4, 33, 20), (3, 2, 4, 2, 17, 8),
-             (1, 16, 8, 2, 40, 16)]
-    self.assertEqual(16 * 8 // 2, cpu_attention.MAX_ROWS)
+             (1, 32, 8, 2, 40, 16)]
+    self.assertEqual(32 * 8 // 2, cpu_attention.MAX_ROWS)
     for b, t, h, kv, s, d in cases:
       for kind in ("causal", "any"):
         with self.subTest(shape=(b, t, h, kv, s, d), mask=kind):
