@@ -2,6 +2,8 @@
 step, and one profiled run of a small pair."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -55,6 +57,15 @@ class ProfileTest(absltest.TestCase):
       self.assertGreaterEqual(ops["matmul kernel"]["calls_per_step"], 4 * 2 + 1)
       self.assertGreaterEqual(ops["attention kernel"]["calls_per_step"], 2)
     self.assertIn("µs/token", profile.format_table(r, 5))
+
+  def test_bad_flags_exit_with_one_line_naming_them(self):
+    for flag, message in (("--batch=0", "--batch must be >= 1, got 0"),
+                          ("--mode=spec --target=x", "--mode=spec with --target needs --drafter")):
+      with self.subTest(flag=flag):
+        proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.profile", *flag.split()],
+                              capture_output=True, text=True)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(message, proc.stderr)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cli, cpu_attention, cpu_gemv, engine, gamma, timing
+from ppow_jax import cli, cpu_attention, cpu_gemv, drafters, engine, gamma, timing
 from ppow_jax.bench import pairs
 from ppow_jax.errors import UserError
+from ppow_jax.models import gguf_convert
 
 FLAGS = flags.FLAGS
 _KERNELS = {cpu_gemv._TARGET: "matmul kernel", cpu_attention._TARGET: "attention kernel"}
@@ -134,8 +135,6 @@ def run(argv) -> dict:
   if FLAGS.mode == "spec" and FLAGS.target and not FLAGS.drafter:
     raise UserError("--mode=spec with --target needs --drafter")
   if FLAGS.target:
-    from ppow_jax import drafters
-    from ppow_jax.models import gguf_convert
     model, tp = gguf_convert.load(FLAGS.target)
     target_cfg = model.cfg
     draft, dp = (drafters.load(FLAGS.drafter, target_cfg, "float32") if FLAGS.drafter
