@@ -52,6 +52,23 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=1))
 
 
+def int_list_flag(name: str) -> list[int]:
+  """The integers of list flag ``--name``; a ``UserError`` naming it when one is not."""
+  raw = flags.FLAGS[name].value
+  try:
+    return [int(v) for v in raw]
+  except ValueError:
+    raise UserError(f"--{name}: want comma-separated integers, got {','.join(raw)}") from None
+
+
+def require_positive(*names: str) -> None:
+  """A ``UserError`` naming the first of the integer flags ``--name`` that is below 1."""
+  for name in names:
+    value = flags.FLAGS[name].value
+    if value < 1:
+      raise UserError(f"--{name} must be >= 1, got {value}")
+
+
 # ---- Config files --------------------------------------------------------------------------------
 
 def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()

@@ -91,12 +91,16 @@ bool ByVectors(int64_t d, F&& f) {
   return true;
 }
 
+// Query or output rows whose C vectors each stay in registers together (R * C <= 8).
+template <int C>
+constexpr int RowsInRegisters() { return C <= 2 ? 4 : C <= 4 ? 2 : 1; }
+
 // Scores of rows [0, m) against key rows [lo, hi) for a head size of C whole vectors: R query
 // rows held in vector registers, each key row loaded once per R rows.
 template <int C>
 void Keys(const Shapes& a, const float* const* q, const float* k, const float* visible,
           float* scores, int64_t s_pad, int64_t lo, int64_t hi, int64_t m) {
-  constexpr int R = C <= 2 ? 4 : C <= 4 ? 2 : 1;
+  constexpr int R = RowsInRegisters<C>();
   for (int64_t r0 = 0; r0 < m; r0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, m - r0));
     Vec qv[R][C];
@@ -144,7 +148,7 @@ void KeysTransposed(const Shapes& a, const float* const* q, const float* k,
 template <int C, typename At>
 void Values(const Shapes& a, const float* v, const float* weights, int64_t s_pad, int64_t lo,
             int64_t hi, int64_t m, const At& at) {
-  constexpr int R = C <= 2 ? 4 : C <= 4 ? 2 : 1;
+  constexpr int R = RowsInRegisters<C>();
   for (int64_t r0 = 0; r0 < m; r0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, m - r0));
     Vec acc[R][C];
@@ -179,11 +183,16 @@ void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
   const float* v = a.v + n * a.s * a.d;
   constexpr float kLowest = std::numeric_limits<float>::lowest();
   scores.assign(m * s_pad, kLowest);
-  // the slots some query row sees: [lo, hi); each row's mask once, outside the slot loop
+  // the slots some query row sees: [lo, hi); each row's mask once, outside the slot loop.
+  // blind: a token sees no slot (a padding row)
   int64_t lo = a.s, hi = 0;
-  for (int64_t t = 0; t < a.t; ++t)
+  bool blind = false;
+  for (int64_t t = 0; t < a.t; ++t) {
+    bool any = false;
     for (int64_t j = 0; j < a.s; ++j)
-      if (mask[t * a.s + j]) lo = std::min(lo, j), hi = std::max(hi, j + 1);
+      if (mask[t * a.s + j]) lo = std::min(lo, j), hi = std::max(hi, j + 1), any = true;
+    blind |= !any;
+  }
   std::vector<const float*> q(m);
   for (int64_t r = 0; r < m; ++r) q[r] = a.q + at(r);
   // visible[t][j]: 1 where token t sees slot j, else 0 (and past s)
@@ -197,11 +206,8 @@ void Head(const Shapes& a, int64_t n, std::vector<float>& scores) {
   };
   if (m >= std::max<int64_t>(8, a.d / 4) || !ByVectors(a.d, keys))
     KeysTransposed(a, q.data(), k, visible.data(), scores.data(), s_pad, lo, hi, m);
-  // softmax over the blocks of slots [lo, hi) touches; a token that sees no slot (a padding
-  // row) gets uniform weights over every slot, and then every row's weights cover every slot
-  bool blind = false;
-  for (int64_t t = 0; t < a.t; ++t)
-    blind |= std::none_of(mask + t * a.s, mask + (t + 1) * a.s, [](bool x) { return x; });
+  // softmax over the blocks of slots [lo, hi) touches; a blind token gets uniform weights
+  // over every slot, and then every row's weights cover every slot
   if (blind) lo = 0, hi = a.s;
   const int64_t j_lo = blind ? 0 : lo / kLanes * kLanes;
   const int64_t j_hi = blind ? s_pad : (hi + kLanes - 1) / kLanes * kLanes;

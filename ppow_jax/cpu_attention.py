@@ -22,7 +22,7 @@ from ppow_jax import cpu_gemv
 # Query rows per KV head up to which the kernel runs: decode steps, drafting, verification and
 # tree verification; a long prompt's chunk is a matrix product, XLA's.
 MAX_ROWS = 128
-_TARGET = "ppow_cpu_attention_f32"
+_TARGET = cpu_gemv.ATTENTION_TARGET
 
 
 def reference(q_BxTxHxD: jax.Array, k_BKxSxD: jax.Array, v_BKxSxD: jax.Array,

@@ -43,8 +43,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_attention.cc"))
 _HEADER = os.path.join(_HERE, "cpu_kernels.h")
 _TARGET = "ppow_cpu_matmul_t_f32"
+ATTENTION_TARGET = "ppow_cpu_attention_f32"  # cpu_attention's kernel
 # XLA custom-call targets and the library's symbols that implement them
-TARGETS = {_TARGET: "PpowCpuMatmulTF32", "ppow_cpu_attention_f32": "PpowCpuAttentionF32"}
+TARGETS = {_TARGET: "PpowCpuMatmulTF32", ATTENTION_TARGET: "PpowCpuAttentionF32"}
 
 
 def _flags() -> list[str]:

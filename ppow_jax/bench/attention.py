@@ -42,12 +42,12 @@ def define_flags() -> None:
 
 
 def _loop(attend, calls: int, scale: float):
-  def step(_, q_BxTxHxD, ks, vs, mask_BxTxS):
+  def step(q_BxTxHxD, ks, vs, mask_BxTxS):
     for k, v in zip(ks, vs):  # one attention per layer, each reading its own cache
       q_BxTxHxD = jnp.tanh(attend(q_BxTxHxD, k, v, mask_BxTxS, scale))
     return q_BxTxHxD
   return jax.jit(lambda q, ks, vs, mask: jax.lax.fori_loop(
-      0, calls, lambda i, q: step(i, q, ks, vs, mask), q))
+      0, calls, lambda i, q: step(q, ks, vs, mask), q))
 
 
 def measure(batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, slots: int,
@@ -93,16 +93,10 @@ def format_table(r: dict) -> str:
 def run(argv) -> dict:
   lists = {}
   for name in ("batch_sizes", "tokens"):
-    try:
-      lists[name] = [int(v) for v in getattr(FLAGS, name)]
-    except ValueError:
-      raise UserError(f"--{name}: want comma-separated integers, got "
-                      f"{','.join(getattr(FLAGS, name))}")
+    lists[name] = cli.int_list_flag(name)
     if min(lists[name]) < 1:
       raise UserError(f"--{name}: every value must be >= 1, got {min(lists[name])}")
-  for name in ("heads", "kv_heads", "head_dim", "slots", "layers", "calls", "repeats"):
-    if getattr(FLAGS, name) < 1:
-      raise UserError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+  cli.require_positive("heads", "kv_heads", "head_dim", "slots", "layers", "calls", "repeats")
   if FLAGS.heads % FLAGS.kv_heads:
     raise UserError(f"--kv_heads={FLAGS.kv_heads} must divide --heads={FLAGS.heads}")
   if not 1 <= FLAGS.visible <= FLAGS.slots - max(lists["tokens"]) + 1:

@@ -101,18 +101,11 @@ def format_table(r: dict) -> str:
 
 
 def run(argv) -> dict:
-  try:
-    rows = [int(v) for v in FLAGS.rows]
-  except ValueError:
-    raise UserError(f"--rows: want comma-separated integers, got {','.join(FLAGS.rows)}")
+  rows = cli.int_list_flag("rows")
   for m in rows:
     if not 1 <= m <= _MAX_ROWS:
       raise UserError(f"--rows: {m} is outside 1..{_MAX_ROWS}")
-  if FLAGS.repeats < 1:
-    raise UserError(f"--repeats must be >= 1, got {FLAGS.repeats}")
-  for name in ("hidden", "qkv", "intermediate", "layers"):
-    if getattr(FLAGS, name) < 1:
-      raise UserError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+  cli.require_positive("repeats", "hidden", "qkv", "intermediate", "layers")
   shapes = chain_shapes(FLAGS.hidden, FLAGS.qkv, FLAGS.intermediate, FLAGS.layers, FLAGS.vocab)
   result = measure(rows, shapes, FLAGS.repeats)
   return cli.emit(result, "ppow_jax.bench.matmul", format_table(result), FLAGS.output_json)

@@ -129,9 +129,7 @@ def format_table(r: dict, top: int) -> str:
 
 
 def run(argv) -> dict:
-  for name in ("batch", "window", "max_new_tokens", "prompt_len", "runs", "top"):
-    if getattr(FLAGS, name) < 1:
-      raise UserError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+  cli.require_positive("batch", "window", "max_new_tokens", "prompt_len", "runs", "top")
   if FLAGS.mode == "spec" and FLAGS.target and not FLAGS.drafter:
     raise UserError("--mode=spec with --target needs --drafter")
   if FLAGS.target:

@@ -17,7 +17,6 @@ from absl import flags
 import jax
 
 from ppow_jax import cli, datasets, drafter_stages, layout, pretrain, settings, timing, train_step
-from ppow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -68,8 +67,7 @@ def measure(c, workdir: str, repeats: int) -> dict:
 
 
 def run(argv) -> None:
-  if FLAGS.repeats < 1:
-    raise UserError(f"--repeats must be >= 1, got {FLAGS.repeats}")
+  cli.require_positive("repeats")
   result = measure(cli.config_from_flags(), FLAGS.workdir, FLAGS.repeats)
   print(json.dumps(result, indent=1))
   if FLAGS.output_json:
