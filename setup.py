@@ -8,7 +8,8 @@ setuptools.setup(
     description="Train speculative-decoding drafters with window-level policy optimization (PPOW).",
     packages=setuptools.find_packages(include=["ppow_jax", "ppow_jax.*"]),
     package_data={"ppow_jax.data": ["chat_eval.jsonl"],  # the chat evaluation prompts
-                  "ppow_jax": ["cpu_gemv.cc"]},  # compiled on first use (cpu_gemv.py)
+                  # the CPU kernels' sources, compiled on first use (cpu_gemv.py)
+                  "ppow_jax": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",  # jax.set_mesh (activation sharding under flax 0.12)

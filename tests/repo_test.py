@@ -146,6 +146,18 @@ class RepoTest(absltest.TestCase):
     self.assertEqual([l.split(": ")[1] for l in missing_module_attributes([broken])],
                      ["ppow_jax.timing.no_such_thing"])
 
+  def test_an_installed_package_holds_its_data_files(self):
+    # a non-editable install (pip install .) copies only what setup.py names: the C++ kernels'
+    # sources and the chat prompts must be there, or the kernels cannot be built
+    data = [f for f in repo_files() if f.startswith("ppow_jax/") and not f.endswith(".py")]
+    self.assertContainsSubset({"ppow_jax/cpu_gemv.cc", "ppow_jax/cpu_kernels.h"}, set(data))
+    with tempfile.TemporaryDirectory() as tmp:
+      proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", tmp],
+                            cwd=ROOT, capture_output=True, text=True)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+      missing = [f for f in data if not os.path.isfile(os.path.join(tmp, f))]
+    self.assertEqual(missing, [])
+
   def test_every_module_imports_first(self):
     self.assertEqual(modules_failing_first("ppow_jax", ROOT), [])
     # the check finds a cycle that only one import order hides
