@@ -61,6 +61,12 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertGreater(r["ar_step_bandwidth"]["isolated_gbs"], 0.0)
       self.assertEqual(set(r["gamma_detail"]["loop_start_s"]),
                        {"draft_window", "draft_one", "verify", "target_one", "round"})
+      # every timed run, round by round: the engines, their prompt passes, the isolated loops
+      self.assertContainsSubset({"ar", "spec", "tree", "spec/whole", "spec/prompt",
+                                 "isolated/target_one/x1", "isolated/target_one/x3"},
+                                set(r["timings_s"]))
+      self.assertEqual({len(v) for v in r["timings_s"].values()}, {opts.repeats})
+      self.assertEqual(r["timings_s"]["ar"], r["ar_seconds"])
     self.assertIn("load_average", result["machine"])
     self.assertIn("prompt pass ar ", decode_table.format_table(result))
     self.assertIn("without compaction AR ", decode_table.format_table(result))

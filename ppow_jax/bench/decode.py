@@ -18,7 +18,8 @@ of measured ÷ ideal alike; each is priced at its loop's marginal time per call 
 ``--gamma_calls`` and 3× as many calls, differenced: a loop's start-up is not charged to its
 calls; an engine pays one per generation, not one per round). Measured ÷ cost-curve ideal
 is also computed round by round (``measured_over_ideal_cost_curve_per_round``): its spread is
-what the machine's noise does to the headline ratio. The verification cost curve (1..K+1
+what the machine's noise does to the headline ratio; every timed run's seconds, round by
+round, are in ``timings_s`` (for other estimators). The verification cost curve (1..K+1
 tokens) is measured after.
 ``--tree=TOTAL,DEPTH,TOPK`` also times EAGLE-2 tree drafting beside the chain (``results[i].tree``).
 ``--whole_batch`` also times AR and speculative decoding without batch compaction (every row
@@ -272,6 +273,8 @@ def bench_batch(target_cfg, target_params, drafter: Drafter, draft_params, batch
           secs, paired_call_seconds(isolated, opts.gamma_calls), tau, k,
           {name: n_new[name] for name in ("ar", "spec")}),
       "verify_cost_curve": curve,
+      # every timed run, round by round (engines, prompt passes, isolated loops): the raw data
+      "timings_s": {name: [float(x) for x in sec] for name, sec in secs.items()},
       # an AR step's weight traffic: on a bandwidth-bound device, how close it runs to the peak
       "ar_step_bandwidth": timing.bandwidth_summary(
           decode_weights.weight_bytes_per_step(target_cfg, target_params),
