@@ -73,7 +73,8 @@ def bandwidth_summary(weight_bytes: int, step_s: dict[str, Optional[float]],
 
 
 def machine_info() -> dict:
-  """What a timing depends on: devices, CPU, software versions and the load average."""
+  """What a timing depends on: devices, CPU, software versions, XLA's flags and the load
+  average."""
   cpu = platform.processor() or ""
   try:
     with open("/proc/cpuinfo") as f:
@@ -85,4 +86,4 @@ def machine_info() -> dict:
           "num_devices": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "os": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
-          "load_average": list(os.getloadavg())}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average": list(os.getloadavg())}

@@ -68,6 +68,7 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertEqual({len(v) for v in r["timings_s"].values()}, {opts.repeats})
       self.assertEqual(r["timings_s"]["ar"], r["ar_seconds"])
     self.assertIn("load_average", result["machine"])
+    self.assertEqual(result["machine"]["xla_flags"], os.environ.get("XLA_FLAGS", ""))
     self.assertIn("prompt pass ar ", decode_table.format_table(result))
     self.assertIn("without compaction AR ", decode_table.format_table(result))
     self.assertIn("measured ÷ ideal_cc round by round", decode_table.format_table(result))

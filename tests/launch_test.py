@@ -130,19 +130,25 @@ class LaunchTest(parameterized.TestCase):
         "-m", "ppow_jax.main", f"--config={GPU_ENV['CONFIG']}", f"--workdir={GPU_ENV['WORKDIR']}",
         "--config.data.seq_len=1024"])
 
-  def test_gpu_decode_bench_dry_run_prints_both_dtypes(self):
+  def test_gpu_decode_bench_dry_run_prints_both_dtypes_and_the_graph_variant(self):
     proc, _ = _run("gpu_decode_bench.sh", {"OUT": "/tmp/b 1", "PEAK_GBS": "4800"},
                    "--repeats=5")
     self.assertEqual(proc.returncode, 0, proc.stderr)
     lines = [shlex.split(line) for line in proc.stdout.splitlines()]
-    self.assertLen(lines, 3, proc.stdout)
+    self.assertLen(lines, 4, proc.stdout)
     self.assertEqual(lines[0], ["mkdir", "-p", "/tmp/b 1"])
-    for line, dtype in zip(lines[1:], ("float32", "bfloat16")):
+    runs = (("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "bfloat16_graphs"))
+    for line, (dtype, name) in zip(lines[1:], runs):
+      env = [a for a in line[1:] if "=" in a and not a.startswith("-")]
+      line = line[1 + len(env):]  # after "env" and its assignments
       self.assertEqual(line[:3], ["python3", "-m", "ppow_jax.bench.decode"])
       self.assertIn(f"--dtype={dtype}", line)
       self.assertIn("--peak_gbs=4800", line)
-      self.assertIn(f"--output_json=/tmp/b 1/decode_{dtype}.json", line)
+      self.assertIn(f"--output_json=/tmp/b 1/decode_{name}.json", line)
       self.assertEqual(line[-1], "--repeats=5")  # extra flags last: they override
+      graphs = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+      self.assertEqual([graphs in a for a in env if a.startswith("XLA_FLAGS=")],
+                       [True] if name.endswith("_graphs") else [])
 
   @parameterized.parameters(
       ("tpu_pod.sh", TPU_ENV, "ZONE"), ("tpu_pod.sh", TPU_ENV, "WORKDIR"),
