@@ -92,6 +92,13 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertTrue(r["tree"]["greedy_identical"])
 
 
+  def test_a_bad_batch_size_list_exits_with_one_line_naming_it(self):
+    proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.decode", "--batch_sizes=1,x"],
+                          capture_output=True, text=True)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("--batch_sizes: want comma-separated integers, got 1,x", proc.stderr)
+
+
 class CostCurveIdealTest(absltest.TestCase):
 
   def test_flat_curve_gives_the_protocol_ideal_and_a_steeper_one_less(self):
@@ -141,6 +148,23 @@ class PairTest(absltest.TestCase):
     np.testing.assert_allclose(np.asarray(w16, np.float32), w32, rtol=1e-2)
     with self.assertRaisesRegex(UserError, "float8"):
       pairs.synthetic_pair(pairs.SyntheticSpec(**small, dtype="float8"))
+
+  def test_a_saved_pair_loads_back_as_the_tools_load_a_converted_one(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp)
+    p = pairs.synthetic_pair(TINY)
+    paths = pairs.save_pair(p, tmp)
+    both = pairs.load_pair(paths["target"], paths["drafter"])
+    self.assertEqual(both.target_cfg.num_layers, TINY.num_layers)
+    self.assertEqual(both.description, f"target {paths['target']}, drafter {paths['drafter']}")
+    leaf = lambda params, i: np.asarray(params[f"layers_{i}"]["mlp"]["down_proj"])
+    np.testing.assert_array_equal(leaf(both.target_params, 1), leaf(p.target_params, 1))
+    np.testing.assert_array_equal(leaf(both.draft_params, 0), leaf(p.draft_params, 0))
+    self.assertEqual(type(both.drafter), type(p.drafter))
+    alone = pairs.load_pair(paths["target"])
+    self.assertIsNone(alone.drafter)
+    self.assertIsNone(alone.draft_params)
+    self.assertEqual(alone.description, f"target {paths['target']}")
 
   def test_tokenizer_is_a_bijection_on_text(self):
     tok = pairs.build_tokenizer(128)

@@ -38,7 +38,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from ppow_jax import cli, drafters, engine, evaluate, timing, tree, tree_engine
+from ppow_jax import cli, engine, evaluate, timing, tree, tree_engine
 from ppow_jax.bench import pairs
 from ppow_jax.bench.decode_table import format_table
 from ppow_jax.data import benchmarks
@@ -332,10 +332,7 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
   if kind == "hf":
     if not target or drafter.lower() == "none":
       raise UserError("--pair=hf needs --target and --drafter")
-    model, target_params = gguf_convert.load(target, dtype=dtype)
-    target_cfg = model.cfg
-    draft, draft_params = drafters.load(drafter, target_cfg, dtype)
-    description = f"target {target}, drafter {drafter}"
+    p = pairs.load_pair(target, drafter, dtype)
     if opts.benchmarks:  # the evaluation's prompt sets, under the target's chat template
       tok = tokenizer_lib.load(gguf_convert.resolve(target))
       prompt_sets = benchmarks.prompt_sets(opts.benchmarks, tok, opts.num_prompts,
@@ -345,23 +342,16 @@ def benchmark(kind: str, opts: BenchOptions, target: str = "", drafter: str = "n
     if opts.benchmarks:
       raise UserError("--benchmarks needs --pair=hf (a target with a chat template)")
     p = pairs.synthetic_pair(spec)
-    target_cfg, target_params, draft, draft_params = (p.target_cfg, p.target_params,
-                                                      p.drafter, p.draft_params)
-    description = p.description
     if save_pair:
       paths = pairs.save_pair(p, save_pair, overwrite=True)
       print(f"saved the pair to {paths}", file=sys.stderr)
-  result = run_benchmark(target_cfg, target_params, draft, draft_params, opts, kind,
-                         description, prompt_sets, eos_ids)
+  result = run_benchmark(p.target_cfg, p.target_params, p.drafter, p.draft_params, opts, kind,
+                         p.description, prompt_sets, eos_ids)
   return cli.emit(result, "ppow_jax.bench.decode", format_table(result), output_json)
 
 
 def run(argv) -> dict:
-  try:
-    batch_sizes = tuple(int(b) for b in FLAGS.batch_sizes)
-  except ValueError:
-    raise UserError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
-  opts = BenchOptions(batch_sizes=batch_sizes, window=FLAGS.window,
+  opts = BenchOptions(batch_sizes=tuple(cli.int_list_flag("batch_sizes")), window=FLAGS.window,
                       max_new_tokens=FLAGS.max_new_tokens, prompt_len=FLAGS.prompt_len,
                       repeats=FLAGS.repeats, gamma_calls=FLAGS.gamma_calls, seed=FLAGS.seed,
                       tree=FLAGS.tree or "", benchmarks=FLAGS.benchmarks,

@@ -9,7 +9,8 @@ predicts what the target predicts most of the time, at roughly 1/L of the target
 compute (plus a full-size LM head). Nothing about this pair is trained: it exercises speed and
 accounting, not draft quality, and every report that uses it says ``"pair": "synthetic"``.
 
-``save_pair`` writes both models in the Hugging Face layout (``target/``, ``drafter/``) with a
+``load_pair`` loads a converted model pair instead (a target directory or GGUF name and a
+drafter directory), for the tools that take either. ``save_pair`` writes both models in the Hugging Face layout (``target/``, ``drafter/``) with a
 tokenizer that transformers and llama.cpp's ``convert_hf_to_gguf.py`` both accept (see
 ``build_tokenizer``).
 """
@@ -19,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from ppow_jax import drafters
 from ppow_jax.errors import UserError
-from ppow_jax.models import hf, llama
+from ppow_jax.models import gguf_convert, hf, llama
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPACE = "\u2581"  # SentencePiece's word-boundary mark
@@ -51,9 +52,19 @@ class SyntheticSpec:
 class Pair:
   target_cfg: llama.ModelConfig
   target_params: Any
-  drafter: drafters.LMDrafter
+  drafter: Optional[drafters.Drafter]  # None: a target alone (load_pair without a drafter)
   draft_params: Any
   description: str
+
+
+def load_pair(target: str, drafter: str = "", dtype: str = "float32") -> Pair:
+  """A converted target (a directory or a GGUF name: ``gguf_convert.load``) and, unless
+  ``drafter`` is empty, a drafter for it (``drafters.load``: an HF LM or EAGLE-3 directory)."""
+  model, target_params = gguf_convert.load(target, dtype=dtype)
+  draft, draft_params = (drafters.load(drafter, model.cfg, dtype) if drafter
+                         else (None, None))
+  description = f"target {target}" + (f", drafter {drafter}" if drafter else "")
+  return Pair(model.cfg, target_params, draft, draft_params, description)
 
 
 def synthetic_pair(spec: SyntheticSpec = SyntheticSpec()) -> Pair:

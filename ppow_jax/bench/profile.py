@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax import cli, cpu_attention, cpu_gemv, drafters, engine, gamma, timing
+from ppow_jax import cli, cpu_attention, cpu_gemv, engine, gamma, timing
 from ppow_jax.bench import pairs
 from ppow_jax.errors import UserError
-from ppow_jax.models import gguf_convert
 
 FLAGS = flags.FLAGS
 _KERNELS = {cpu_gemv._TARGET: "matmul kernel", cpu_attention._TARGET: "attention kernel"}
@@ -132,18 +131,12 @@ def run(argv) -> dict:
   cli.require_positive("batch", "window", "max_new_tokens", "prompt_len", "runs", "top")
   if FLAGS.mode == "spec" and FLAGS.target and not FLAGS.drafter:
     raise UserError("--mode=spec with --target needs --drafter")
-  if FLAGS.target:
-    model, tp = gguf_convert.load(FLAGS.target)
-    target_cfg = model.cfg
-    draft, dp = (drafters.load(FLAGS.drafter, target_cfg, "float32") if FLAGS.drafter
-                 else (None, None))
-  else:
-    p = pairs.synthetic_pair()
-    target_cfg, tp, draft, dp = p.target_cfg, p.target_params, p.drafter, p.draft_params
+  p = (pairs.load_pair(FLAGS.target, FLAGS.drafter or "") if FLAGS.target
+       else pairs.synthetic_pair())
   if FLAGS.attention == "xla":
     cpu_attention.MAX_ROWS = 0  # traced after this: XLA's ops everywhere
-  result = profile(target_cfg, tp, draft, dp, FLAGS.mode, FLAGS.batch, FLAGS.window,
-                   FLAGS.max_new_tokens, FLAGS.prompt_len, FLAGS.runs)
+  result = profile(p.target_cfg, p.target_params, p.drafter, p.draft_params, FLAGS.mode,
+                   FLAGS.batch, FLAGS.window, FLAGS.max_new_tokens, FLAGS.prompt_len, FLAGS.runs)
   result.update(attention=FLAGS.attention, machine=timing.machine_info())
   return cli.emit(result, "ppow_jax.bench.profile", format_table(result, FLAGS.top),
                   FLAGS.output_json)
