@@ -10,9 +10,9 @@ compute (plus a full-size LM head). Nothing about this pair is trained: it exerc
 accounting, not draft quality, and every report that uses it says ``"pair": "synthetic"``.
 
 ``load_pair`` loads a converted model pair instead (a target directory or GGUF name and a
-drafter directory), for the tools that take either. ``save_pair`` writes both models in the Hugging Face layout (``target/``, ``drafter/``) with a
-tokenizer that transformers and llama.cpp's ``convert_hf_to_gguf.py`` both accept (see
-``build_tokenizer``).
+drafter directory), for the tools that take either. ``save_pair`` writes both models in the
+Hugging Face layout (``target/``, ``drafter/``) with a tokenizer that transformers and
+llama.cpp's ``convert_hf_to_gguf.py`` both accept (see ``build_tokenizer``).
 """
 
 from __future__ import annotations
