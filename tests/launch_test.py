@@ -150,6 +150,20 @@ class LaunchTest(parameterized.TestCase):
       self.assertEqual([graphs in a for a in env if a.startswith("XLA_FLAGS=")],
                        [True] if name.endswith("_graphs") else [])
 
+  def test_gpu_decode_bench_runs_the_chosen_variants_and_names_a_bad_one(self):
+    proc, _ = _run("gpu_decode_bench.sh", {"OUT": "/o", "VARIANTS": "float32_graphs"})
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    lines = [shlex.split(line) for line in proc.stdout.splitlines()]
+    self.assertLen(lines, 2, proc.stdout)
+    self.assertEqual(lines[1][:2], ["env", "XLA_FLAGS= --xla_gpu_enable_command_buffer=+WHILE,"
+                                           "+CONDITIONAL"])
+    self.assertIn("--dtype=float32", lines[1])
+    self.assertIn("--output_json=/o/decode_float32_graphs.json", lines[1])
+    proc, _ = _run("gpu_decode_bench.sh", {"OUT": "/o", "VARIANTS": "bfloat16 fp8"})
+    self.assertEqual(proc.returncode, 2)
+    self.assertEqual(proc.stdout, "")  # nothing runs, not even the first variant
+    self.assertIn("VARIANTS: unknown variant 'fp8'", proc.stderr)
+
   @parameterized.parameters(
       ("tpu_pod.sh", TPU_ENV, "ZONE"), ("tpu_pod.sh", TPU_ENV, "WORKDIR"),
       ("tpu_pod.sh", TPU_ENV, "RUNTIME_VERSION"), ("gpu_slurm.sbatch", GPU_ENV, "CONFIG"),
