@@ -1,8 +1,6 @@
 """bench.attention: both variants compute the same attention; flag errors."""
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,6 +8,7 @@ from absl.testing import absltest
 
 from ppow_jax import cpu_gemv
 from ppow_jax.bench import attention
+import tool_errors  # tests/tool_errors.py
 
 
 class AttentionBenchTest(absltest.TestCase):
@@ -28,10 +27,7 @@ class AttentionBenchTest(absltest.TestCase):
                           ("--kv_heads=3", "--kv_heads=3 must divide --heads=8"),
                           ("--visible=199", "--visible=199 must be in 1..--slots - tokens")):
       with self.subTest(flag=flag):
-        proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.attention", flag],
-                              capture_output=True, text=True)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(message, proc.stderr)
+        tool_errors.assert_exits_naming(self, "ppow_jax.bench.attention", [flag], message)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """bench.matmul: the chain's shapes, both variants computing the same chain, flag errors."""
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,6 +8,7 @@ from absl.testing import absltest
 
 from ppow_jax import cpu_gemv
 from ppow_jax.bench import matmul
+import tool_errors  # tests/tool_errors.py
 
 
 class MatmulBenchTest(absltest.TestCase):
@@ -37,10 +36,7 @@ class MatmulBenchTest(absltest.TestCase):
                           # cli.run_main: the tools take flags only
                           ("stray", "unexpected arguments: stray")):
       with self.subTest(flag=flag):
-        proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.matmul", flag],
-                              capture_output=True, text=True)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(message, proc.stderr)
+        tool_errors.assert_exits_naming(self, "ppow_jax.bench.matmul", [flag], message)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 step, and one profiled run of a small pair."""
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -11,6 +9,7 @@ from absl.testing import absltest
 
 from ppow_jax import cpu_gemv
 from ppow_jax.bench import pairs, profile
+import tool_errors  # tests/tool_errors.py
 
 _HLO = """
   %ffi_call.7 = f32[1,96]{1,0} custom-call(%a, %b), custom_call_target="ppow_cpu_matmul_t_f32"
@@ -62,10 +61,7 @@ class ProfileTest(absltest.TestCase):
     for flag, message in (("--batch=0", "--batch must be >= 1, got 0"),
                           ("--mode=spec --target=x", "--mode=spec with --target needs --drafter")):
       with self.subTest(flag=flag):
-        proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.profile", *flag.split()],
-                              capture_output=True, text=True)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(message, proc.stderr)
+        tool_errors.assert_exits_naming(self, "ppow_jax.bench.profile", flag.split(), message)
 
 
 if __name__ == "__main__":

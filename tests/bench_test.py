@@ -20,6 +20,7 @@ from ppow_jax.bench import compare, decode, decode_table, pairs, peers
 from ppow_jax.errors import UserError
 from ppow_jax.data import tokenizer as tokenizer_lib
 from ppow_jax.models import decode_weights, eagle3, hf, llama
+import tool_errors  # tests/tool_errors.py
 
 TINY = pairs.SyntheticSpec(num_layers=2, hidden_size=32, intermediate_size=64, vocab_size=128,
                            residual_scale=0.01)
@@ -93,10 +94,8 @@ class DecodeBenchTest(absltest.TestCase):
 
 
   def test_a_bad_batch_size_list_exits_with_one_line_naming_it(self):
-    proc = subprocess.run([sys.executable, "-m", "ppow_jax.bench.decode", "--batch_sizes=1,x"],
-                          capture_output=True, text=True)
-    self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("--batch_sizes: want comma-separated integers, got 1,x", proc.stderr)
+    tool_errors.assert_exits_naming(self, "ppow_jax.bench.decode", ["--batch_sizes=1,x"],
+                                    "--batch_sizes: want comma-separated integers, got 1,x")
 
 
 class CostCurveIdealTest(absltest.TestCase):
