@@ -382,11 +382,13 @@ class Engine:
                                           jnp.asarray(prompt_len_B, jnp.int32))
 
 
-def decoding_params(params):
+def decoding_params(params, share_with=None):
   """``params`` with fused projections (``decode_weights.fuse_projections``) when every array is
   a host array or lives on one device: about 3–4% more batch-1 tokens/s for SmolLM2-135M on a
   2-core CPU (BENCHMARKS.md), placed on the device (host arrays would be copied in at every
-  call).
+  call). ``share_with``: the target's decoding params, when ``params`` are a drafter's; the
+  drafter's arrays equal to the target's become the target's
+  (``decode_weights.share_equal_arrays``).
   Sharded params come back as they are, their sharding rules naming the separate
   projections."""
   leaves = jax.tree_util.tree_leaves(params)
@@ -394,7 +396,8 @@ def decoding_params(params):
                                                   and len(x.sharding.device_set) == 1)
   if params is None or not all(local(x) for x in leaves):
     return params
-  return jax.device_put(decode_weights.fuse_projections(params))
+  out = jax.device_put(decode_weights.fuse_projections(params))
+  return decode_weights.share_equal_arrays(share_with, out)
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 16,

@@ -134,7 +134,8 @@ def evaluate_sets(c, target_cfg: llama.ModelConfig, target_params, drafters: dic
   eos_ids = (eos_id,) if (c.eval.eos and eos_id is not None) else ()
   # the decoding layout of the weights, made once for every set
   target_params = engine.decoding_params(target_params)
-  drafters = {name: (d, engine.decoding_params(p)) for name, (d, p) in drafters.items()}
+  drafters = {name: (d, engine.decoding_params(p, share_with=target_params))
+              for name, (d, p) in drafters.items()}
   rows = []
   for bench, prompts in prompt_sets.items():
     print(f"[eval] {bench}: {len(prompts)} prompts", flush=True)

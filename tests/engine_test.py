@@ -1,5 +1,6 @@
 """The speculative engine: greedy output equals AR, sampling is lossless, bad input is refused."""
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -148,6 +149,27 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("x",))
     spread = jax.device_put(self.tp, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.assertIs(engine.decoding_params(spread), spread)
+
+  def test_a_drafter_of_the_targets_own_layers_reads_the_targets_buffers(self):
+    # an LM drafter made of a copy of the target's embedding, first layer, norm and head
+    dparams = {k: jax.tree_util.tree_map(lambda x: jnp.array(np.asarray(x)), self.tp[k])
+               for k in self.tp if k not in ("layers_1", "layers_2")}
+    tp = engine.decoding_params(self.tp)
+    dp = engine.decoding_params(dparams, share_with=tp)
+    target_ids = {id(x) for x in jax.tree_util.tree_leaves(tp)}
+    self.assertTrue(all(id(x) in target_ids for x in jax.tree_util.tree_leaves(dp)))
+    self.assertIs(dp["layers_0"]["self_attn"]["qkv_proj_t"],
+                  tp["layers_0"]["self_attn"]["qkv_proj_t"])
+    apart = engine.decoding_params(dparams)
+    self.assertFalse(any(id(x) in target_ids for x in jax.tree_util.tree_leaves(apart)))
+    drafter = drafters.LMDrafter(dataclasses.replace(TARGET, num_layers=1))
+    cfg = engine.DecodeConfig(window=4, max_new_tokens=MAX_NEW)
+    eng = engine.Engine(TARGET, drafter, cfg)
+    outs = [eng.generate(tp, d, self.prompts, self.lens, jax.random.PRNGKey(0))
+            for d in (dp, apart)]
+    for out in outs:
+      self.assertEqual(out.new_tokens(), self.ar_tokens)
+    self.assertEqual(outs[0].stats.summary(), outs[1].stats.summary())
 
   def test_chunked_prompt_pass(self):
     # chunks of 3 over the 16 padded prompt slots: a scan of 5 chunks and a remainder of 1;

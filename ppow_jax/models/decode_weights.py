@@ -1,7 +1,10 @@
 """Inference copies of a decoder's weights: fused, output-major projections for decoding
-(``engine.decoding_params``), and the bytes one decode step reads."""
+(``engine.decoding_params``), one buffer for the arrays a drafter shares with its target, and
+the bytes one decode step reads."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,42 @@ def fuse_projections(params: dict) -> dict:
   if isinstance(out, dict) and all(k in out for k in ("embed_tokens", "layers_0", "lm_head")):
     out["lm_head_t"] = jnp.transpose(out.pop("lm_head"))  # a Decoder's own head only
   return out
+
+
+@jax.jit
+def _same_values(a, b) -> jax.Array:
+  """``a == b`` everywhere; arrays that differ in their first elements cost no full pass."""
+  head = lambda x: x.reshape(-1)[:64]
+  return jax.lax.cond(jnp.array_equal(head(a), head(b)), lambda: jnp.array_equal(a, b),
+                      lambda: jnp.array(False))
+
+
+def share_equal_arrays(source: Any, params: Any) -> Any:
+  """``params`` with each array that equals an array of ``source`` (same shape, dtype,
+  placement and values) replaced by ``source``'s, so that both trees read one buffer. A
+  drafter made of its target's layers (or holding copies of its embedding, norm or head)
+  then adds no weights to the device's memory nor to the caches it competes for with the
+  target in every round. An array at the same path in both trees is compared first; NaNs
+  never compare equal (such an array keeps its own buffer)."""
+  if source is None or params is None:
+    return params
+  by_path = dict(jax.tree_util.tree_leaves_with_path(source))
+  by_kind: dict[tuple, list] = {}
+  for x in by_path.values():
+    if isinstance(x, jax.Array):
+      by_kind.setdefault((x.shape, x.dtype, x.sharding), []).append(x)
+
+  def pick(path, x):
+    if not isinstance(x, jax.Array):
+      return x
+    kind = (x.shape, x.dtype, x.sharding)
+    same_path = [a for a in [by_path.get(path)]
+                 if isinstance(a, jax.Array) and (a.shape, a.dtype, a.sharding) == kind]
+    for a in same_path + by_kind.get(kind, []):
+      if a is x or bool(_same_values(a, x)):
+        return a
+    return x
+  return jax.tree_util.tree_map_with_path(pick, params)
 
 
 def weight_bytes_per_step(target_cfg, target_params) -> int:
