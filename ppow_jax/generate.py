@@ -93,6 +93,9 @@ def run(argv_unused=None) -> dict:
     drafter, draft_params = None, None
   else:
     drafter, draft_params = load_drafter(FLAGS.drafter, tcfg, FLAGS.dtype)
+  # the decoding layout, on the device; a drafter's copies of target arrays share its buffers
+  target_params = engine.decoding_params(target_params)
+  draft_params = engine.decoding_params(draft_params, share_with=target_params)
   if shape is not None:
     eng = tree_engine.TreeEngine(tcfg, drafter, dcfg, shape)
   else:
