@@ -265,10 +265,11 @@ def self_requests(c, data: Data, target_cfg, target_params, cache: str) -> list[
       max_new_tokens=d.self_instruct_max_tokens, temperature=d.self_instruct_temperature,
       eos_ids=(data.tokenizer.eos_id,)))
   base = jax.random.PRNGKey(c.seed + 7)
+  decoding = engine.decoding_params(target_params)  # the store's key stays the params' own
 
   def generate_fn(prompt_ids: list[list[int]], round_index: int) -> list[list[int]]:
     padded, lens = engine.pad_prompts(prompt_ids)
-    return eng.generate(target_params, None, padded, lens,
+    return eng.generate(decoding, None, padded, lens,
                         jax.random.fold_in(base, round_index)).new_tokens()
 
   def store(round_index: int, kept: list[str]) -> None:
@@ -288,8 +289,9 @@ def regenerate(c, data: Data, target_cfg, target_params, batch_size: int = 0,
                paths: Optional[layout.Layout] = None) -> Data:
   """Replace the assistant turns of the training conversations with the target's own answers.
 
-  Greedy, batched, with the engine's AR path. Drafters trained on the target's own outputs
-  accept more (the EAGLE maintainers' first remedy). With ``paths`` every answered batch is
+  Greedy, batched, with the engine's AR path on the decoding layout of the weights
+  (``engine.decoding_params``). Drafters trained on the target's own outputs accept more (the
+  EAGLE maintainers' first remedy). With ``paths`` every answered batch is
   appended to a store in ``cache_dir`` (one per target and decoding setting, keyed per
   conversation), so reruns, larger datasets and interrupted runs reuse what was answered.
   ``data.self_instructions`` adds requests the target writes itself (``self_requests``).
@@ -331,12 +333,13 @@ def _answer(c, data: Data, target_cfg, target_params, batch_size: int, todo: lis
       max_new_tokens=c.data.regenerate_max_new_tokens, eos_ids=eos))
   rng = jax.random.PRNGKey(c.seed)
   done = [0]
+  decoding = engine.decoding_params(target_params)
 
   def generate_fn(prompt_ids: list[list[int]]) -> list[list[int]]:
     rows = len(prompt_ids)
     padded, lens = engine.pad_prompts(prompt_ids + [prompt_ids[-1]] * (batch_size - rows),
                                       multiple=64)
-    out = eng.generate(target_params, None, padded, lens, rng).new_tokens()[:rows]
+    out = eng.generate(decoding, None, padded, lens, rng).new_tokens()[:rows]
     done[0] += rows
     print(f"[data] answered {done[0]}/{len(todo)}", flush=True)
     return out

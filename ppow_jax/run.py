@@ -12,8 +12,8 @@ from __future__ import annotations
 from absl import logging
 import jax
 
-from ppow_jax import (datasets, drafter_stages, drafters, evaluate, gamma as gamma_lib, layout,
-                      parallel, pretrain, report, settings, sharding, stages, timing)
+from ppow_jax import (datasets, drafter_stages, drafters, engine, evaluate, gamma as gamma_lib,
+                      layout, parallel, pretrain, report, settings, sharding, stages, timing)
 from ppow_jax.errors import UserError
 
 
@@ -43,6 +43,9 @@ def _gamma(c, target_cfg, target_params, drafter, params) -> float:
   """The configured γ, or (``ppow.gamma = -1``) the one measured here for the PPOW window."""
   if c.ppow.gamma >= 0:
     return float(c.ppow.gamma)
+  # priced as the eval stage decodes: the decoding layout of both models' weights
+  target_params = engine.decoding_params(target_params)
+  params = engine.decoding_params(params, share_with=target_params)
   g = gamma_lib.measure_gamma(target_cfg, target_params, drafter, params, c.ppow.window, 1,
                               c.eval.prompt_len)["gamma"]
   g = sharding.broadcast_from_primary(g)  # every process trains with process 0's measurement

@@ -50,7 +50,14 @@ class RegenerateTest(absltest.TestCase):
     c.data.regenerate = True
     c.data.regenerate_max_new_tokens = 6
     data = datasets.Data([_conversation(i) for i in range(3)], [], tok, "conversations", "t")
-    new = datasets.regenerate(c, data, cfg, params, batch_size=4)
+    layouts, generate = [], engine.Engine.generate
+
+    def spy(eng, target_params, *args):
+      layouts.append("qkv_proj_t" in target_params["layers_0"]["self_attn"])
+      return generate(eng, target_params, *args)
+    with mock.patch.object(engine.Engine, "generate", spy):
+      new = datasets.regenerate(c, data, cfg, params, batch_size=4)
+    self.assertTrue(layouts and all(layouts), layouts)  # decoded with the decoding layout
     eng = engine.Engine(cfg, None, engine.DecodeConfig(max_new_tokens=6,
                                                        eos_ids=(tok.eos_id,)))
     for i, turns in enumerate(new.train):
