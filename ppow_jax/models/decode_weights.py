@@ -69,10 +69,11 @@ def share_equal_arrays(source: Any, params: Any) -> Any:
   def pick(path, x):
     if not isinstance(x, jax.Array):
       return x
-    kind = (x.shape, x.dtype, x.sharding)
-    same_path = [a for a in [by_path.get(path)]
-                 if isinstance(a, jax.Array) and (a.shape, a.dtype, a.sharding) == kind]
-    for a in same_path + by_kind.get(kind, []):
+    candidates = by_kind.get((x.shape, x.dtype, x.sharding), [])
+    first = by_path.get(path)
+    if any(a is first for a in candidates):  # the same path first, then the others
+      candidates = [first] + [a for a in candidates if a is not first]
+    for a in candidates:
       if a is x or bool(_same_values(a, x)):
         return a
     return x
