@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
 import jax
 import numpy as np
 import torch
@@ -143,6 +146,22 @@ class AssistedGenerationParityTest(absltest.TestCase):
                          cwd=ROOT, timeout=600)
     self.assertEqual(bad.returncode, 2)
     self.assertIn("--tree expects TOTAL,DEPTH,TOPK", bad.stderr)
+
+  def test_cli_decodes_on_the_decoding_layout_on_the_device(self):
+    seen, generate_fn = [], engine.Engine.generate
+
+    def spy(eng, target_params, draft_params, *args):
+      seen.append([isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(
+          (target_params, draft_params))] + [
+              "qkv_proj_t" in p["layers_0"]["self_attn"] for p in (target_params, draft_params)])
+      return generate_fn(eng, target_params, draft_params, *args)
+    with flagsaver.flagsaver(), mock.patch.object(engine.Engine, "generate", spy):
+      flags.FLAGS(["generate", f"--target={os.path.join(self.tmp.name, 'target')}",
+                   f"--drafter={os.path.join(self.tmp.name, 'drafter')}",
+                   f"--prompt_ids={','.join(map(str, PROMPT))}", "--max_new_tokens=4",
+                   f"--window={K}"])
+      generate.run()
+    self.assertTrue(seen and all(all(s) for s in seen), seen)
 
   def test_load_drafter_errors(self):
     model, _ = hf.load(os.path.join(self.tmp.name, "target"))
