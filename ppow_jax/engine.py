@@ -400,6 +400,13 @@ def decoding_params(params, share_with=None):
   return decode_weights.share_equal_arrays(share_with, out)
 
 
+def decoding_pair(target_params, draft_params) -> tuple:
+  """``(target, drafter)`` params as decoding reads them: ``decoding_params`` of each, the
+  drafter sharing the target's equal arrays (``draft_params`` may be None: AR alone)."""
+  target_params = decoding_params(target_params)
+  return target_params, decoding_params(draft_params, share_with=target_params)
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 16,
                 min_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Right-pad token lists to one length (rounded up to ``multiple`` to limit recompiles)."""

@@ -94,8 +94,7 @@ def run(argv_unused=None) -> dict:
   else:
     drafter, draft_params = load_drafter(FLAGS.drafter, tcfg, FLAGS.dtype)
   # the decoding layout, on the device; a drafter's copies of target arrays share its buffers
-  target_params = engine.decoding_params(target_params)
-  draft_params = engine.decoding_params(draft_params, share_with=target_params)
+  target_params, draft_params = engine.decoding_pair(target_params, draft_params)
   if shape is not None:
     eng = tree_engine.TreeEngine(tcfg, drafter, dcfg, shape)
   else:

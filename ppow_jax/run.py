@@ -44,8 +44,7 @@ def _gamma(c, target_cfg, target_params, drafter, params) -> float:
   if c.ppow.gamma >= 0:
     return float(c.ppow.gamma)
   # priced as the eval stage decodes: the decoding layout of both models' weights
-  target_params = engine.decoding_params(target_params)
-  params = engine.decoding_params(params, share_with=target_params)
+  target_params, params = engine.decoding_pair(target_params, params)
   g = gamma_lib.measure_gamma(target_cfg, target_params, drafter, params, c.ppow.window, 1,
                               c.eval.prompt_len)["gamma"]
   g = sharding.broadcast_from_primary(g)  # every process trains with process 0's measurement

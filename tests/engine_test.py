@@ -154,8 +154,7 @@ class GreedyEqualsAutoregressiveTest(parameterized.TestCase):
     # an LM drafter made of a copy of the target's embedding, first layer, norm and head
     dparams = {k: jax.tree_util.tree_map(lambda x: jnp.array(np.asarray(x)), self.tp[k])
                for k in self.tp if k not in ("layers_1", "layers_2")}
-    tp = engine.decoding_params(self.tp)
-    dp = engine.decoding_params(dparams, share_with=tp)
+    tp, dp = engine.decoding_pair(self.tp, dparams)
     target_ids = {id(x) for x in jax.tree_util.tree_leaves(tp)}
     self.assertTrue(all(id(x) in target_ids for x in jax.tree_util.tree_leaves(dp)))
     self.assertIs(dp["layers_0"]["self_attn"]["qkv_proj_t"],

@@ -305,8 +305,7 @@ def run_benchmark(target_cfg, target_params, drafter: Drafter, draft_params,
     raise UserError("need window >= 1, repeats >= 1, max_new_tokens >= 2")
   if opts.tree:
     tree.TreeShape.parse(opts.tree)
-  target_params = engine.decoding_params(target_params)
-  draft_params = engine.decoding_params(draft_params, share_with=target_params)
+  target_params, draft_params = engine.decoding_pair(target_params, draft_params)
   result = {"pair": pair, "pair_description": description, "options": dataclasses.asdict(opts),
             "temperature": 0.0, "machine": timing.machine_info(),
             "target": dataclasses.asdict(target_cfg), "drafter": type(drafter).__name__,

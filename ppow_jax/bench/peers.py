@@ -92,8 +92,7 @@ class _Ours:
     target, tp = hf.load(os.path.join(pair_dir, "target"))
     draft, dp = hf.load(os.path.join(pair_dir, "drafter"))
     hf.check_same_vocab(target.cfg, draft.cfg, where=pair_dir)
-    self.tp = engine.decoding_params(tp)
-    self.dp = engine.decoding_params(dp, share_with=self.tp)
+    self.tp, self.dp = engine.decoding_pair(tp, dp)
     cfg = engine.DecodeConfig(window=window, max_new_tokens=max_new, eos_ids=())
     # "prompt": the prompt pass and one token, whose time the decode-only AR rate leaves out
     # (llama-bench's generation rate counts no prompt pass)

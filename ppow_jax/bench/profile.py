@@ -93,8 +93,7 @@ def profile(target_cfg, target_params, drafter, draft_params, mode: str, batch: 
             window: int, max_new_tokens: int, prompt_len: int, runs: int) -> dict:
   cfg = engine.DecodeConfig(window=window, max_new_tokens=max_new_tokens, eos_ids=())
   eng = engine.Engine(target_cfg, drafter if mode == "spec" else None, cfg)
-  tp = engine.decoding_params(target_params)
-  dp = engine.decoding_params(draft_params, share_with=tp) if mode == "spec" else None
+  tp, dp = engine.decoding_pair(target_params, draft_params if mode == "spec" else None)
   prompts = jnp.asarray(gamma.random_prompts(target_cfg.vocab_size, batch, prompt_len, 0))
   lens = jnp.full((batch,), prompt_len, jnp.int32)
   rng = jax.random.PRNGKey(0)

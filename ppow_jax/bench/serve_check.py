@@ -304,8 +304,7 @@ def run_check(lc: LlamaCpp, target_dir: str, drafter_dir: str, *, window: int = 
   if not isinstance(drafter, drafters.Eagle3FeatureDrafter):
     raise UserError(f"--drafter {drafter_dir}: not an EAGLE-3 export (llama.cpp's draft-eagle3 "
                     "path needs one)")
-  tparams = engine.decoding_params(tparams)
-  dparams = engine.decoding_params(dparams, share_with=tparams)
+  tparams, dparams = engine.decoding_pair(tparams, dparams)
   dcfg = engine.DecodeConfig(window=window, max_new_tokens=max_new, eos_ids=eos)
   engines = {"ar": engine.Engine(target.cfg, None, dcfg),
              "spec": engine.Engine(target.cfg, drafter, dcfg)}
